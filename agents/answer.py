@@ -1,0 +1,300 @@
+"""Answering with LLaVA-OneVision from stored tokens: timestamped evidence, streamed tokens, reused KV caches.
+
+The prompt is the model's chat template with the evidence inside the user turn:
+  head   = "<|im_start|>system ... <|im_start|>user\n"
+  evidence = for each picked segment: "[00:01:23-00:01:27]" then its visual tokens, projected by the VLM's own
+             `multi_modal_projector` (tokens are stored in the vision space, Clapper section 3.1)
+  tail   = question + "<|im_end|>\n<|im_start|>assistant\n"
+and is fed as `inputs_embeds`. Decoding is a plain greedy loop over the language model with a `DynamicCache`,
+so that (a) tokens leave as they are generated, (b) the time to first token is measured where it happens, and
+(c) the cache of head + evidence can be kept: a follow-up question on the same evidence, or a question on a live
+stream whose recent window is already in the cache, prefills only the question (DESIGN.md "Answering").
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from vidmem.agents.select import Level, Pick
+from vidmem.compressors.base import pool_grid
+from vidmem.errors import BudgetError
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You are vidmem, an assistant that watches video and remembers it. The user's message holds video segments, "
+    "each preceded by the time it was recorded in square brackets. Answer the question from what the video shows, "
+    "and say when things happened using those times."
+)
+MARKER = "\u0000VIDMEM_EVIDENCE\u0000"  # stands where the evidence goes while the chat template is rendered
+LIVE_EPOCH = 1e9  # times above this are unix seconds (live streams); below, seconds from the start of a file
+
+ReadTokens = Callable[[object], np.ndarray]  # segment row -> (N, D) stored tokens
+
+
+def render_time(seconds: float) -> str:
+    """'00:01:23' for a position in recorded footage, '2026-11-21 14:03:05' for a live stream's unix time."""
+    if seconds >= LIVE_EPOCH:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def render_span(start: float, end: float) -> str:
+    end_text = render_time(end)
+    if start >= LIVE_EPOCH and render_time(start)[:10] == end_text[:10]:
+        end_text = end_text[11:]  # same day: show the date once
+    return f"[{render_time(start)}-{end_text}]"
+
+
+def tokens_at_level(tokens: np.ndarray, pick: Pick) -> torch.Tensor:
+    """The part of a segment's stored tokens that `pick.level` shows: all, the keyframe, or 49 low-resolution ones."""
+    x = torch.from_numpy(np.array(tokens))  # a copy: stored tokens are read-only memory maps
+    slow = pick.row.slow or x.shape[0]
+    if pick.level is Level.FULL:
+        return x
+    if pick.level is Level.KEY:
+        return x[:slow]
+    if x.shape[0] > slow:
+        return x[slow:]  # the fast (TimePerceiver) tokens
+    return pool_grid(x[:slow], 7)  # a 1-frame segment: its 14x14 keyframe pooled to 7x7
+
+
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions past `length` (a negative `crop` removes from the end in every transformers version)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+@dataclass
+class Answer:
+    text: str
+    picks: list[Pick]
+    visual_tokens: int
+    ttft_seconds: float
+    seconds: float
+    prefill_tokens: int  # prompt tokens computed for this question
+    cached_tokens: int  # prompt tokens reused from a kept KV cache
+
+    def segments(self) -> list[dict]:
+        return [
+            {"stream": p.row.stream, "start": round(p.row.start, 3), "end": round(p.row.end, 3), "tokens": p.tokens,
+             "score": round(float(p.score), 4), "id": p.row.id, "level": p.level.name.lower()}
+            for p in self.picks
+        ]
+
+    def to_json(self) -> dict:
+        return {
+            "answer": self.text,
+            "segments": self.segments(),
+            "visual_tokens": self.visual_tokens,
+            "ttft_seconds": round(self.ttft_seconds, 4),
+            "seconds": round(self.seconds, 4),
+            "prefill_tokens": self.prefill_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
+
+
+@dataclass
+class KeptPrefix:
+    """A KV cache of head + evidence, kept to answer more questions on the same evidence."""
+
+    key: tuple  # identifies the evidence: ((segment id, level), ...)
+    cache: DynamicCache
+    length: int  # tokens in the cache
+    picks: list[Pick] = field(default_factory=list)
+
+
+class Answerer:
+    """Turns picks and a question into a streamed answer with one VLM; one question at a time (a lock)."""
+
+    def __init__(self, vlm, *, max_new_tokens: int = 256, system: str = SYSTEM_PROMPT) -> None:
+        self.vlm = vlm
+        self.max_new_tokens = max_new_tokens
+        self.system = system
+        self.lock = threading.RLock()
+        self.kept: KeptPrefix | None = None
+        tokenizer = vlm.tokenizer
+        self.head_text, self.tail_template = self._split_template(tokenizer)
+        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_ids = {i for i in stop if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id}
+        generation = getattr(vlm.model, "generation_config", None)
+        self.repetition_penalty = float(getattr(generation, "repetition_penalty", None) or 1.0)  # the checkpoint's own
+        # Special tokens other than the stops (<image>, <video>, padding...) are never part of an answer.
+        vocab = vlm.model.lm_head.out_features
+        self.banned = torch.tensor(
+            sorted({i for i in tokenizer.all_special_ids if i not in self.stop_ids and 0 <= i < vocab}), dtype=torch.long
+        )
+
+    # ---- prompt pieces -------------------------------------------------------------------------------
+    def _split_template(self, tokenizer) -> tuple[str, str]:
+        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": MARKER + "{question}"}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # no chat template saved with the tokenizer: LLaVA-OneVision's Qwen2 ChatML by hand
+            text = (
+                f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>user\n{MARKER}{{question}}<|im_end|>\n"
+                "<|im_start|>assistant\n"
+            )
+        head, tail = text.split(MARKER)
+        return head, tail
+
+    def _ids(self, text: str) -> torch.Tensor:
+        ids = self.vlm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        return ids.to(self.vlm.device)
+
+    def _text_embeds(self, text: str) -> torch.Tensor:
+        return self.vlm.embed_ids(self._ids(text))  # (S, H)
+
+    def evidence_embeds(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> torch.Tensor:
+        """(S, H) embeddings of the timestamped evidence, in the order given."""
+        parts = []
+        for pick in picks:
+            parts.append(self._text_embeds(render_span(pick.row.start, pick.row.end)))
+            visual = tokens_at_level(read_tokens(pick.row), pick)
+            parts.append(self.vlm.project(visual))
+        parts.append(self._text_embeds("\n"))
+        return torch.cat(parts)
+
+    def question_embeds(self, question: str) -> torch.Tensor:
+        return self._text_embeds(self.tail_template.replace("{question}", question.strip()))
+
+    # ---- model calls ---------------------------------------------------------------------------------
+    def _language_model(self):
+        model = self.vlm.model
+        inner = getattr(model, "model", None)
+        return getattr(inner, "language_model", None) or model.language_model
+
+    @torch.inference_mode()
+    def _forward(self, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Run (S, H) embeddings through the language model on top of `cache`; return the last position's logits."""
+        past = cache.get_seq_length()
+        positions = torch.arange(past, past + embeds.shape[0], device=embeds.device)[None]  # (1, S)
+        out = self._language_model()(
+            inputs_embeds=embeds[None].to(self.vlm.dtype), past_key_values=cache, use_cache=True, position_ids=positions
+        )
+        return self.vlm.model.lm_head(out.last_hidden_state[:, -1])  # (1, vocab)
+
+    def prefill(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> KeptPrefix:
+        """Compute and keep the KV cache of head + evidence."""
+        with self.lock:
+            embeds = torch.cat([self._text_embeds(self.head_text), self.evidence_embeds(picks, read_tokens)])
+            self._check_context(embeds.shape[0])
+            cache = DynamicCache()
+            self._forward(embeds, cache)
+            key = tuple((p.row.id, int(p.level)) for p in picks)
+            return KeptPrefix(key=key, cache=cache, length=cache.get_seq_length(), picks=list(picks))
+
+    def extend(self, kept: KeptPrefix, picks: Sequence[Pick], read_tokens: ReadTokens) -> KeptPrefix:
+        """Append more evidence to a kept prefix (a live stream's new segments) without recomputing it."""
+        with self.lock:
+            truncate(kept.cache, kept.length)
+            embeds = self.evidence_embeds(picks, read_tokens)
+            self._check_context(kept.length + embeds.shape[0])
+            self._forward(embeds, kept.cache)
+            kept.length = kept.cache.get_seq_length()
+            kept.picks.extend(picks)
+            kept.key = kept.key + tuple((p.row.id, int(p.level)) for p in picks)
+            return kept
+
+    def _check_context(self, prompt_tokens: int) -> None:
+        limit = self.vlm.context_length - self.max_new_tokens
+        if prompt_tokens > limit:
+            raise BudgetError(
+                f"the prompt needs {prompt_tokens} tokens but the model's context holds {limit} besides the answer; "
+                "ask a shorter question or use a smaller --budget"
+            )
+
+    def answer(
+        self,
+        question: str,
+        picks: Sequence[Pick],
+        read_tokens: ReadTokens,
+        *,
+        on_token: Callable[[str], None] | None = None,
+        extra: Sequence[Pick] = (),
+        prefix: KeptPrefix | None = None,
+    ) -> Answer:
+        """Answer `question` from `picks` (kept as a reusable prefix), plus `extra` picks prefilled with the question.
+
+        With `prefix` given (a live window), its cache is used and `picks` is ignored. Otherwise the answerer keeps
+        the prefix of its last question and reuses it when the evidence is the same (a follow-up question).
+        """
+        started = time.perf_counter()
+        with self.lock:
+            question_ids = self._ids(question)
+            if question_ids.shape[0] > self.vlm.context_length // 2:
+                raise BudgetError(
+                    f"the question is {question_ids.shape[0]} tokens long, more than half the model's context "
+                    f"({self.vlm.context_length}); ask a shorter question"
+                )
+            cached = 0
+            if prefix is None:
+                key = tuple((p.row.id, int(p.level)) for p in picks)
+                if self.kept is not None and self.kept.key == key:
+                    prefix = self.kept
+                    cached = prefix.length
+                else:
+                    self.kept = None  # free the old cache before building the new one
+                    prefix = self.kept = self.prefill(picks, read_tokens)
+            else:
+                cached = prefix.length
+            truncate(prefix.cache, prefix.length)
+            suffix = [self.evidence_embeds(extra, read_tokens)] if extra else []
+            suffix.append(self.question_embeds(question))
+            suffix_embeds = torch.cat(suffix)
+            self._check_context(prefix.length + suffix_embeds.shape[0])
+            prefilled = (0 if cached else prefix.length) + suffix_embeds.shape[0]
+            logits = self._forward(suffix_embeds, prefix.cache)
+            text, ttft = self._decode(logits, prefix.cache, started, on_token)
+            truncate(prefix.cache, prefix.length)  # keep only head + evidence for the next question
+        all_picks = sorted([*prefix.picks, *extra], key=lambda p: (p.row.start, p.row.stream))
+        return Answer(
+            text=text,
+            picks=all_picks,
+            visual_tokens=sum(p.tokens for p in all_picks),
+            ttft_seconds=ttft,
+            seconds=time.perf_counter() - started,
+            prefill_tokens=prefilled,
+            cached_tokens=cached,
+        )
+
+    @torch.inference_mode()
+    def _decode(
+        self, logits: torch.Tensor, cache: DynamicCache, started: float, on_token: Callable[[str], None] | None
+    ) -> tuple[str, float]:
+        """Greedy decoding; emits text as soon as it forms whole characters. Returns (text, time to first token)."""
+        tokenizer = self.vlm.tokenizer
+        ids: list[int] = []
+        emitted = ""
+        ttft = 0.0
+        banned = self.banned.to(logits.device)
+        for step in range(self.max_new_tokens):
+            logits[:, banned] = float("-inf")
+            if self.repetition_penalty != 1.0 and ids:
+                seen = torch.tensor(sorted(set(ids)), device=logits.device)
+                scores = logits[:, seen]  # CTRL-style penalty, as transformers' RepetitionPenaltyLogitsProcessor
+                logits[:, seen] = torch.where(scores > 0, scores / self.repetition_penalty, scores * self.repetition_penalty)
+            next_id = int(logits.argmax(dim=-1)[0])
+            if step == 0:
+                ttft = time.perf_counter() - started
+            if next_id in self.stop_ids:
+                break
+            ids.append(next_id)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(emitted):
+                if on_token is not None:
+                    on_token(text[len(emitted) :])
+                emitted = text
+            if step + 1 < self.max_new_tokens:
+                logits = self._forward(self.vlm.embed_ids(torch.tensor([next_id], device=self.vlm.device)), cache)
+        final = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return final, ttft

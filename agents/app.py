@@ -1,0 +1,345 @@
+"""The assembled assistant: models, memory, ingest and answering behind one object.
+
+The CLI, the websocket server and the MQTT monitor all hold one `Vidmem`. Models load lazily on first use, so a
+command that only reads the memory (`vidmem stats`) never touches them. Model work is serialised by the
+answerer's lock and by one ingest worker; the event loop only moves data between them.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from vidmem.agents.answer import Answer, Answerer, KeptPrefix
+from vidmem.agents.select import Level, Pick, SelectOptions, Selection, select
+from vidmem.errors import BudgetError, UnknownStreamError, VidmemError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a vidmem deployment is made of; the CLI fills it from its flags."""
+
+    memory: Path = Path("vidmem-memory")  # the memory directory (created on first ingest)
+    model: str | None = None  # VLM hub id or local directory; None: the default for the device
+    embedder: str | None = None  # retrieval (CLIP) embedder hub id or local directory; None: clip-ViT-B-32
+    caption_embedder: str | None = None  # text embedder for captions; None: all-MiniLM-L6-v2
+    device: str = "auto"  # auto | cpu | cuda
+    compressor: str = "timeperceiver"  # registry name (vidmem.compressors.available())
+    compressor_weights: Path | None = None  # a `vidmem train` checkpoint (safetensors)
+    captions: bool = False  # describe segments with the VLM at ingest and index the captions
+    max_new_tokens: int = 256  # answer length limit
+
+
+@dataclass
+class EncodedSegment:
+    tokens: np.ndarray  # (N, D) float16, vision space
+    slow: int  # keyframe tokens among the N
+    embedding: np.ndarray  # (E,) float32, L2-normalised CLIP image embedding of the keyframe
+    keyframe_jpeg: bytes
+
+
+def jpeg(image: np.ndarray, *, quality: int = 85, max_side: int = 640) -> bytes:
+    """A small JPEG of a frame for event snapshots."""
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    picture.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+class MemorySink:
+    """The ingest loop's sink: encode + compress + embed segments, then store them in the memory."""
+
+    def __init__(self, app: "Vidmem", stream: str, *, on_segment: Callable[[object, object], None] | None = None) -> None:
+        self.app = app
+        self.stream = stream
+        self.on_segment = on_segment  # called (row, segment) after each commit, from the worker thread
+        self.last_row = None
+
+    def encode(self, segments: list) -> list[EncodedSegment]:
+        app = self.app
+        images = [frame.image for segment in segments for frame in segment.frames]
+        with torch.inference_mode():
+            features = app.encoder(images)  # (sum T, L, D)
+            embeddings = app.embedder.embed_images([s.keyframe.image for s in segments])  # (B, E)
+            out, offset = [], 0
+            for segment, embedding in zip(segments, embeddings):
+                block = app.compressor(features[offset : offset + len(segment)].to(app.compressor_dtype))
+                offset += len(segment)
+                tokens = block.tokens.detach().to("cpu", torch.float16).numpy()
+                out.append(EncodedSegment(tokens, block.slow, embedding.astype(np.float32), jpeg(segment.keyframe.image)))
+        return out
+
+    def commit(self, segment, encoded: EncodedSegment) -> int:
+        row = self.app.memory.add_segment(
+            stream=self.stream, start=segment.start, end=segment.end, frames=len(segment), cut=segment.cut,
+            tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg,
+        )
+        self.last_row = row
+        if self.on_segment is not None:
+            self.on_segment(row, segment)
+        return row.tokens
+
+    def extend(self, segment) -> None:
+        last = self.last_row or self.app.memory.last_segment(self.stream)
+        if last is None:
+            return
+        self.app.memory.extend_segment(last.id, end=segment.end, frames=last.frames + len(segment))
+
+
+class Vidmem:
+    """One deployment: a memory directory plus the models that fill and read it."""
+
+    def __init__(self, settings: Settings, *, readonly: bool = False) -> None:
+        self.settings = settings
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        self._memory = self._vlm = self._embedder = self._compressor = self._answerer = None
+        self.live: dict[str, KeptPrefix] = {}  # live streams' kept KV caches of their recent window
+
+    @property
+    def memory(self):
+        """The memory directory, opened on first use (so a model that fails to load leaves no trace on disk)."""
+        with self._lock:
+            if self._memory is None:
+                from vidmem.memory import Memory
+
+                self._memory = Memory.open(self.settings.memory, readonly=self.readonly)
+            return self._memory
+
+    # ---- lazily loaded models -----------------------------------------------------------------------
+    @property
+    def vlm(self):
+        with self._lock:
+            if self._vlm is None:
+                from vidmem.agents.models import load_vlm
+
+                self._vlm = load_vlm(self.settings.model, device=self.settings.device)
+            return self._vlm
+
+    @property
+    def encoder(self):
+        return self.vlm.encoder
+
+    @property
+    def embedder(self):
+        with self._lock:
+            if self._embedder is None:
+                from vidmem.agents.models import load_embedder
+
+                self._embedder = load_embedder(self.settings.embedder, device=self.settings.device)
+            return self._embedder
+
+    @property
+    def compressor_dtype(self) -> torch.dtype:
+        return next(self.compressor.parameters(), torch.zeros(0, dtype=self.vlm.dtype)).dtype
+
+    @property
+    def compressor(self):
+        with self._lock:
+            if self._compressor is None:
+                self._compressor = self._load_compressor()
+            return self._compressor
+
+    def _load_compressor(self):
+        from vidmem.compressors import build_compressor
+
+        encoder = self.encoder
+        weights = self.settings.compressor_weights
+        if weights is not None:
+            from vidmem.compressors.train import load_compressor
+
+            compressor, projector = load_compressor(weights, encoder_fingerprint=encoder.fingerprint, dim=encoder.dim)
+            if projector:
+                self.vlm.model.multi_modal_projector.load_state_dict(projector)
+        else:
+            compressor = build_compressor(self.settings.compressor, dim=encoder.dim, num_patches=encoder.num_patches)
+        return compressor.to(self.vlm.device, self.vlm.dtype).eval()
+
+    @property
+    def answerer(self) -> Answerer:
+        with self._lock:
+            if self._answerer is None:
+                self._answerer = Answerer(self.vlm, max_new_tokens=self.settings.max_new_tokens)
+            return self._answerer
+
+    def manifest(self):
+        from vidmem.memory import Manifest
+
+        compressor = self.compressor
+        tag = compressor.name
+        if self.settings.compressor_weights is not None:
+            tag += "@" + Path(self.settings.compressor_weights).stem
+        return Manifest(
+            encoder=self.encoder.fingerprint, encoder_name=self.encoder.name, compressor=tag, dim=self.encoder.dim,
+            embedder=self.embedder.name, embed_dim=self.embedder.dim,
+        )
+
+    # ---- ingest -------------------------------------------------------------------------------------
+    async def ingest(
+        self,
+        source,
+        *,
+        stream: str,
+        options=None,
+        progress: bool = False,
+        stop: asyncio.Event | None = None,
+        on_segment: Callable[[object, object], None] | None = None,
+    ):
+        """Run the ingest loop from `source` into `stream`; returns the stream stage's IngestReport."""
+        from vidmem.stream.ingest import IngestOptions, ingest
+
+        await asyncio.to_thread(self._prepare_ingest)
+        sink = MemorySink(self, stream, on_segment=on_segment)
+        return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress, stop=stop)
+
+    def _prepare_ingest(self) -> None:
+        self.memory.bind(self.manifest())  # refuses a memory made with another encoder before any work
+
+    # ---- questions ----------------------------------------------------------------------------------
+    def _check_streams(self, streams: Sequence[str] | None) -> list[str] | None:
+        if not streams:
+            return None
+        for name in streams:
+            if not self.memory.has_stream(name):
+                known = ", ".join(s.name for s in self.memory.streams()) or "none yet"
+                raise UnknownStreamError(f"unknown stream '{name}'; the memory holds: {known}")
+        return list(streams)
+
+    def select(
+        self,
+        question: str,
+        *,
+        streams: Sequence[str] | None = None,
+        budget: int = 6000,
+        since: float | None = None,
+        until: float | None = None,
+        live_streams: Sequence[str] = (),
+        options: SelectOptions | None = None,
+    ) -> Selection:
+        streams = self._check_streams(streams)
+        timeline = [
+            row for name in (streams or [None]) for row in self.memory.segments(stream=name, since=since, until=until)
+        ]
+        timeline.sort(key=lambda r: (r.start, r.stream, r.id))
+        if not timeline:
+            where = f"stream '{streams[0]}'" if streams and len(streams) == 1 else "the memory"
+            span = " in that time range" if since is not None or until is not None else ""
+            raise VidmemError(f"{where} holds no segments{span}; ingest some video first")
+        query = self.embedder.embed_texts([question])[0]
+        opts = options or SelectOptions()
+        candidates = self.memory.search(query, k=opts.candidates, streams=streams, since=since, until=until)
+        from dataclasses import replace
+
+        return select(timeline, candidates, options=replace(opts, budget=budget), live_streams=live_streams)
+
+    def ask(
+        self,
+        question: str,
+        *,
+        streams: Sequence[str] | None = None,
+        budget: int = 6000,
+        since: float | None = None,
+        until: float | None = None,
+        on_token: Callable[[str], None] | None = None,
+        live: bool = False,
+    ) -> Answer:
+        """Answer a question over the memory; blocking (run it in a worker thread from async code)."""
+        if not question or not question.strip():
+            raise VidmemError("the question is empty")
+        if live and streams and len(streams) == 1 and since is None and until is None:
+            return self.ask_live(question, stream=streams[0], budget=budget, on_token=on_token)
+        selection = self.select(
+            question, streams=streams, budget=budget, since=since, until=until, live_streams=streams if live else ()
+        )
+        return self.answerer.answer(question, selection.picks, self.memory.read_tokens, on_token=on_token)
+
+    # ---- live streams: a kept KV cache of the recent window ------------------------------------------
+    def refresh_live(self, stream: str) -> KeptPrefix | None:
+        """Bring `stream`'s kept window up to date with what the memory holds; blocking (model work).
+
+        New segments are appended to the kept cache (prefilling only them); when the window has slid by more than
+        its own length, or a budget's worth of tokens has piled up, it is rebuilt from the newest segments.
+        Called after each live segment is committed, so a question about now prefills only itself.
+        """
+        window = self.settings_live_seconds
+        last = self.memory.last_segment(stream)
+        if last is None:
+            return None
+        rows = self.memory.segments(stream=stream, since=last.end - window)
+        picks = [Pick(row, Level.FULL, 0.0, "recent") for row in rows]
+        answerer = self.answerer
+        with answerer.lock:
+            kept = self.live.get(stream)
+            if kept is not None:
+                have = {p.row.id for p in kept.picks}
+                new = [p for p in picks if p.row.id not in have]
+                oldest = kept.picks[0].row.start if kept.picks else last.start
+                tokens = sum(p.tokens for p in kept.picks) + sum(p.tokens for p in new)
+                if oldest >= last.end - 2 * window and tokens <= self.live_token_limit:
+                    if new:
+                        answerer.extend(kept, new, self.memory.read_tokens)
+                    return kept
+            self.live[stream] = kept = answerer.prefill(self._fit(picks), self.memory.read_tokens)
+            return kept
+
+    settings_live_seconds = 32.0  # seconds of a live stream kept prefilled (the recent window)
+
+    @property
+    def live_token_limit(self) -> int:
+        return 3000  # tokens a kept live window may grow to before it is rebuilt (half the default budget)
+
+    def _fit(self, picks: list[Pick]) -> list[Pick]:
+        """The newest picks whose tokens fit the live limit, in time order."""
+        kept, total = [], 0
+        for pick in reversed(picks):
+            if total + pick.tokens > self.live_token_limit // 2 and kept:
+                break
+            kept.append(pick)
+            total += pick.tokens
+        return kept[::-1]
+
+    def ask_live(
+        self, question: str, *, stream: str, budget: int = 6000, on_token: Callable[[str], None] | None = None
+    ) -> Answer:
+        """A question on a live stream: the kept window's cache plus older evidence the question retrieves."""
+        kept = self.refresh_live(stream)
+        if kept is None:
+            return self.ask(question, streams=[stream], budget=budget, on_token=on_token)
+        window_tokens = sum(p.tokens for p in kept.picks)
+        if window_tokens > budget:
+            return self.ask(question, streams=[stream], budget=budget, on_token=on_token, live=True)
+        window_start = kept.picks[0].row.start
+        # Older evidence is prefilled after the kept window, out of time order; its timestamps say when it was.
+        try:
+            older = self.select(question, streams=[stream], budget=budget, until=window_start)
+        except VidmemError:  # nothing before the window yet
+            older = None
+        extra: list[Pick] = []
+        room = budget - window_tokens
+        have = {p.row.id for p in kept.picks}
+        for pick in sorted(older.picks if older else [], key=lambda p: -p.score):
+            if pick.row.id not in have and pick.row.end <= window_start and pick.tokens <= room:
+                extra.append(pick)
+                room -= pick.tokens
+        extra.sort(key=lambda p: p.row.start)
+        return self.answerer.answer(question, [], self.memory.read_tokens, on_token=on_token, extra=extra, prefix=kept)
+
+    def load_models(self) -> None:
+        """Load every model now (the CLI does, so a missing model fails before the memory is touched)."""
+        self.compressor, self.embedder  # noqa: B018 - properties load on access
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self._memory.close()

@@ -1,0 +1,269 @@
+"""`vidmem`: ingest recorded footage, ask about it, serve live cameras, monitor over MQTT, train, and inspect.
+
+Every command takes --memory, --model, --embedder, --device and --json (one JSON object on stdout). Errors
+print one line on stderr and exit non-zero, with no traceback (set VIDMEM_DEBUG=1 to see one).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from vidmem.errors import ConfigError, VidmemError
+
+log = logging.getLogger("vidmem")
+
+EXIT_ERROR = 2  # a VidmemError: bad input, missing model, unknown stream...
+EXIT_INTERRUPTED = 130
+
+
+def parse_time(text: str | None) -> float | None:
+    """Seconds ("90", "1:30", "01:02:03") into recorded footage, or an ISO date-time for live streams."""
+    if text is None:
+        return None
+    try:
+        if ":" in text and "T" not in text and "-" not in text:
+            seconds = 0.0
+            for part in text.split(":"):
+                seconds = seconds * 60 + float(part)
+            return seconds
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ConfigError(f"cannot read the time '{text}': give seconds, HH:MM:SS, or an ISO date-time") from None
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("common options")
+    group.add_argument("--memory", type=Path, default=Path(os.environ.get("VIDMEM_MEMORY", "vidmem-memory")),
+                       help="memory directory (default: ./vidmem-memory or $VIDMEM_MEMORY)")
+    group.add_argument("--model", default=os.environ.get("VIDMEM_MODEL"),
+                       help="LLaVA-OneVision hub id or local checkpoint directory (default: 0.5B on CPU, 7B on GPU)")
+    group.add_argument("--embedder", default=os.environ.get("VIDMEM_EMBEDDER"),
+                       help="CLIP sentence-transformers hub id or local directory (default: clip-ViT-B-32)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run")
+    group.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    group.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidmem", description="A streaming video assistant with memory.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="add a video file or stream URL to the memory")
+    p.add_argument("source", help="video file, rtsp/http(s) URL, or camera (/dev/video0, camera:0)")
+    p.add_argument("--stream", help="stream name (default: the file's name)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
+    p.add_argument("--compressor", default="timeperceiver", help="token compressor (default timeperceiver)")
+    p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+
+    p = sub.add_parser("ask", help="answer a question from the memory")
+    p.add_argument("question")
+    p.add_argument("--stream", action="append", help="limit to this stream (repeatable)")
+    p.add_argument("--budget", type=int, default=6000, help="visual-token budget (default 6000)")
+    p.add_argument("--since", help="from this time (seconds, HH:MM:SS, or ISO date-time)")
+    p.add_argument("--until", help="up to this time")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--compressor-weights", type=Path, help="the checkpoint used at ingest (loads its projector)")
+    _common(p)
+
+    p = sub.add_parser("serve", help="websocket server and page for live cameras")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token", default=os.environ.get("VIDMEM_TOKEN"), help="required bearer token")
+    p.add_argument("--mqtt", help="also monitor the live streams over MQTT (mqtt://[user:pass@]host:port)")
+    p.add_argument("--rules", type=Path, help="watch rules (YAML or JSON) for --mqtt")
+    _common(p)
+
+    p = sub.add_parser("monitor", help="ingest sources and watch them, with events and questions over MQTT")
+    p.add_argument("--mqtt", required=True, help="broker URL: mqtt://[user:pass@]host:port (mqtts:// for TLS)")
+    p.add_argument("--rules", type=Path, help="watch rules (YAML or JSON)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=URL", help="a source to ingest (repeatable)")
+    p.add_argument("--prefix", default="vidmem", help="MQTT topic prefix (default vidmem)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second from the sources (default 1)")
+    p.add_argument("--mqtt-ca", type=Path, help="CA certificate file to check an mqtts:// broker with")
+    p.add_argument("--mqtt-insecure", action="store_true", help="mqtts:// without checking the certificate (testing only)")
+    p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
+    p.add_argument("--reconnect-max", type=float, default=30.0, help="longest wait between reconnects, seconds (default 30)")
+    _common(p)
+
+    p = sub.add_parser("train", help="train a compressor (Clapper stage 1, or SVC reconstruction)")
+    p.add_argument("data", type=Path, help='JSONL of {"video": path, "caption": text}')
+    p.add_argument("--output", type=Path, required=True, help="checkpoint file to write (.safetensors)")
+    p.add_argument("--compressor", default="timeperceiver")
+    p.add_argument("--objective", choices=("caption", "reconstruction"), default="caption")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--train-projector", action="store_true", help="also train the VLM's projector")
+    _common(p)
+
+    p = sub.add_parser("stats", help="streams, segments, bytes and time covered")
+    _common(p)
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from vidmem.agents.app import Settings
+
+    return Settings(
+        memory=args.memory, model=args.model, embedder=args.embedder, device=args.device,
+        compressor=getattr(args, "compressor", "timeperceiver"),
+        compressor_weights=getattr(args, "compressor_weights", None),
+        max_new_tokens=getattr(args, "max_new_tokens", 256),
+    )
+
+
+def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(payload) + "\n")
+    else:
+        sys.stdout.write(text.rstrip() + "\n")
+    sys.stdout.flush()
+
+
+def _stream_name(source: str) -> str:
+    import re
+
+    stem = Path(source.split("?")[0].rstrip("/")).stem or "stream"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "stream"
+    return name[:64] if name[0].isalnum() else "s" + name[:63]
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from vidmem.agents.app import Vidmem
+    from vidmem.stream import IngestOptions, open_source
+
+    source = open_source(args.source)  # a missing or unreadable file fails here, before anything else
+    app = Vidmem(_settings(args))
+    try:
+        app.load_models()
+        stop = asyncio.Event()
+
+        async def run():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            return await app.ingest(
+                source, stream=args.stream or _stream_name(args.source), options=IngestOptions(fps=args.fps),
+                progress=not args.no_progress and sys.stderr.isatty(), stop=stop,
+            )
+
+        report = asyncio.run(run())
+    finally:
+        app.close()
+    payload = report.to_json()
+    text = (
+        f"{payload['stream']}: {payload['segments']} segments from {payload['frames']} frames, "
+        f"{payload['visual_tokens']} visual tokens for {payload['video_seconds']:.1f} s of video "
+        f"in {payload['wall_seconds']:.1f} s; cuts at {', '.join(f'{c:.1f}' for c in payload['cuts']) or 'none'}"
+    )
+    _emit(args, payload, text)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from vidmem.agents.app import Vidmem
+
+    app = Vidmem(_settings(args), readonly=True)
+    try:
+        app.memory  # noqa: B018 - fail on a missing memory before loading any model
+        streaming = not args.json and sys.stdout.isatty()
+
+        def on_token(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        answer = app.ask(
+            args.question, streams=args.stream, budget=args.budget, since=parse_time(args.since),
+            until=parse_time(args.until), on_token=on_token if streaming else None,
+        )
+    finally:
+        app.close()
+    if streaming:
+        sys.stdout.write("\n")
+    cited = "; ".join(f"{s['stream']} {s['start']:.1f}-{s['end']:.1f}s" for s in answer.segments()[:12])
+    text = "" if streaming else answer.text + "\n"
+    text += f"(from {len(answer.picks)} segments, {answer.visual_tokens} visual tokens: {cited})"
+    _emit(args, answer.to_json(), text)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from vidmem.memory import Memory
+
+    with Memory.open(args.memory, readonly=True) as memory:
+        stats = memory.stats()
+    lines = [f"{args.memory}: {stats['segments']} segments, {stats['bytes']} bytes, {stats['seconds_covered']:.1f} s covered"]
+    for s in stats["streams"]:
+        lines.append(f"  {s['name']}: {s['segments']} segments, {s['bytes']} bytes, {s['start']:.1f}-{s['end']:.1f} s")
+    _emit(args, stats, "\n".join(lines))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vidmem.agents.server import serve_main
+
+    return serve_main(args, _settings(args))
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from vidmem.agents.monitor import monitor_main
+
+    return monitor_main(args, _settings(args))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vidmem.compressors.train import TrainOptions, train
+
+    report = train(TrainOptions(
+        data=args.data, output=args.output, model=args.model, device=args.device, compressor=args.compressor,
+        objective=args.objective, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, train_projector=args.train_projector, progress=sys.stderr.isatty(),
+    ))
+    payload = report.to_json()
+    _emit(args, payload, f"trained {args.compressor} for {payload.get('steps')} steps: loss "
+                         f"{payload.get('first_loss', float('nan')):.4f} -> {payload.get('last_loss', float('nan')):.4f}; "
+                         f"saved {args.output}")
+    return 0
+
+
+COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "serve": cmd_serve, "monitor": cmd_monitor, "train": cmd_train,
+            "stats": cmd_stats}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if level > logging.DEBUG:
+        for noisy in ("transformers", "sentence_transformers", "huggingface_hub", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return COMMANDS[args.command](args)
+    except VidmemError as exc:
+        if os.environ.get("VIDMEM_DEBUG"):
+            raise
+        sys.stderr.write(f"vidmem: error: {exc}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("vidmem: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Features to tokens: the vision encoder wrapper, the compressors behind one registry, and their training."""
+from __future__ import annotations
+
+from vidmem.compressors.base import Compressor, TokenBlock, available, build_compressor
+
+__all__ = ["Compressor", "TokenBlock", "available", "build_compressor"]

@@ -1,0 +1,60 @@
+"""Shared fixtures: the real test videos and tiny offline checkpoints built from transformers configs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _testdata_dir() -> Path:
+    return Path(os.environ.get("VIDMEM_TESTDATA", REPO.parent / "shared" / "testdata")).resolve()
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    """The folder of real test videos (`VIDMEM_TESTDATA`, default ../shared/testdata)."""
+    folder = _testdata_dir()
+    if not (folder / "videos.json").is_file():
+        pytest.skip(f"test videos not found at {folder}; set VIDMEM_TESTDATA to the folder holding videos.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def videos(testdata: Path) -> dict:
+    """videos.json's entries keyed by file name, each with an absolute `file` path added."""
+    entries = json.loads((testdata / "videos.json").read_text())["videos"]
+    for entry in entries.values():
+        entry["file"] = testdata / entry["path"]
+    return entries
+
+
+# ---- tiny offline checkpoints (tests/checkpoints.py), built once per session --------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModels:
+    """Directories of tiny random checkpoints laid out like the real ones; load them with vidmem.agents.models."""
+
+    llava: Path  # LLaVA-OneVision like llava-onevision-qwen2-0.5b-ov-hf: SigLIP 384/14 (729 patches), width 32
+    llava_other: Path  # the same architecture with a different vision width (48) and seed: another encoder
+    clip: Path  # sentence-transformers CLIP like clip-ViT-B-32 (embedding width 32)
+    minilm: Path  # sentence-transformers text model like all-MiniLM-L6-v2 (embedding width 32)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """Builds the tiny checkpoints into a session temporary directory (a few seconds, nothing downloaded)."""
+    from checkpoints import build_tiny_clip, build_tiny_llava, build_tiny_minilm
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return TinyModels(
+        llava=build_tiny_llava(root / "llava", seed=0, vision_hidden=32),
+        llava_other=build_tiny_llava(root / "llava-other", seed=1, vision_hidden=48),
+        clip=build_tiny_clip(root / "clip"),
+        minilm=build_tiny_minilm(root / "minilm"),
+    )
