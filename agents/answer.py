@@ -125,14 +125,19 @@ class Answerer:
         tokenizer = vlm.tokenizer
         self.head_text, self.tail_template = self._split_template(tokenizer)
         stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        self.stop_ids = {i for i in stop if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id}
         generation = getattr(vlm.model, "generation_config", None)
+        eos = getattr(generation, "eos_token_id", None)
+        stop |= set(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.stop_ids = {i for i in stop if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id}
         self.repetition_penalty = float(getattr(generation, "repetition_penalty", None) or 1.0)  # the checkpoint's own
-        # Special tokens other than the stops (<image>, <video>, padding...) are never part of an answer.
+        self.min_new_tokens = int(getattr(generation, "min_new_tokens", None) or 0)  # stops are held back until then
+        self.stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
+        # Special tokens other than the stops (<image>, <video>, padding...) are never part of an answer, nor are
+        # the checkpoint's own `suppress_tokens`.
         vocab = vlm.model.lm_head.out_features
-        self.banned = torch.tensor(
-            sorted({i for i in tokenizer.all_special_ids if i not in self.stop_ids and 0 <= i < vocab}), dtype=torch.long
-        )
+        banned = {i for i in tokenizer.all_special_ids if i not in self.stop_ids}
+        banned |= set(getattr(generation, "suppress_tokens", None) or [])
+        self.banned = torch.tensor(sorted(i for i in banned if 0 <= i < vocab), dtype=torch.long)
 
     # ---- prompt pieces -------------------------------------------------------------------------------
     def _split_template(self, tokenizer) -> tuple[str, str]:
@@ -279,6 +284,8 @@ class Answerer:
         banned = self.banned.to(logits.device)
         for step in range(self.max_new_tokens):
             logits[:, banned] = float("-inf")
+            if step < self.min_new_tokens:
+                logits[:, self.stop_tensor.to(logits.device)] = float("-inf")
             if self.repetition_penalty != 1.0 and ids:
                 seen = torch.tensor(sorted(set(ids)), device=logits.device)
                 scores = logits[:, seen]  # CTRL-style penalty, as transformers' RepetitionPenaltyLogitsProcessor

@@ -227,7 +227,9 @@ class Vidmem:
         until: float | None = None,
         live_streams: Sequence[str] = (),
         options: SelectOptions | None = None,
+        query: np.ndarray | None = None,
     ) -> Selection:
+        """Evidence for `question`; `query` replaces its text embedding (e.g. an image embedding to search by)."""
         streams = self._check_streams(streams)
         timeline = [
             row for name in (streams or [None]) for row in self.memory.segments(stream=name, since=since, until=until)
@@ -237,7 +239,8 @@ class Vidmem:
             where = f"stream '{streams[0]}'" if streams and len(streams) == 1 else "the memory"
             span = " in that time range" if since is not None or until is not None else ""
             raise VidmemError(f"{where} holds no segments{span}; ingest some video first")
-        query = self.embedder.embed_texts([question])[0]
+        if query is None:
+            query = self.embedder.embed_texts([question])[0]
         opts = options or SelectOptions()
         candidates = self.memory.search(query, k=opts.candidates, streams=streams, since=since, until=until)
         from dataclasses import replace
@@ -254,14 +257,26 @@ class Vidmem:
         until: float | None = None,
         on_token: Callable[[str], None] | None = None,
         live: bool = False,
+        follow_up: bool = False,
+        query: np.ndarray | None = None,
     ) -> Answer:
-        """Answer a question over the memory; blocking (run it in a worker thread from async code)."""
+        """Answer a question over the memory; blocking (run it in a worker thread from async code).
+
+        live: `streams` names one live stream; its kept window answers without being prefilled again.
+        follow_up: answer from the evidence of the previous question, whose KV cache is kept, so only the new
+        question is prefilled (a conversation about the same moments).
+        query: an embedding to retrieve by instead of the question's text embedding (an image, say).
+        """
         if not question or not question.strip():
             raise VidmemError("the question is empty")
+        kept = self.answerer.kept
+        if follow_up and kept is not None:
+            return self.answerer.answer(question, kept.picks, self.memory.read_tokens, on_token=on_token)
         if live and streams and len(streams) == 1 and since is None and until is None:
-            return self.ask_live(question, stream=streams[0], budget=budget, on_token=on_token)
+            return self.ask_live(question, stream=streams[0], budget=budget, on_token=on_token, query=query)
         selection = self.select(
-            question, streams=streams, budget=budget, since=since, until=until, live_streams=streams if live else ()
+            question, streams=streams, budget=budget, since=since, until=until, live_streams=streams if live else (),
+            query=query,
         )
         return self.answerer.answer(question, selection.picks, self.memory.read_tokens, on_token=on_token)
 
@@ -311,28 +326,39 @@ class Vidmem:
         return kept[::-1]
 
     def ask_live(
-        self, question: str, *, stream: str, budget: int = 6000, on_token: Callable[[str], None] | None = None
+        self,
+        question: str,
+        *,
+        stream: str,
+        budget: int = 6000,
+        on_token: Callable[[str], None] | None = None,
+        query: np.ndarray | None = None,
     ) -> Answer:
         """A question on a live stream: the kept window's cache plus older evidence the question retrieves."""
         kept = self.refresh_live(stream)
         if kept is None:
             return self.ask(question, streams=[stream], budget=budget, on_token=on_token)
         window_tokens = sum(p.tokens for p in kept.picks)
-        if window_tokens > budget:
-            return self.ask(question, streams=[stream], budget=budget, on_token=on_token, live=True)
+        if window_tokens > budget:  # a budget smaller than the kept window: select afresh within it
+            selection = self.select(question, streams=[stream], budget=budget, live_streams=[stream])
+            return self.answerer.answer(question, selection.picks, self.memory.read_tokens, on_token=on_token)
         window_start = kept.picks[0].row.start
-        # Older evidence is prefilled after the kept window, out of time order; its timestamps say when it was.
+        # Older moments join only when they match the question better than anything in the window does (a
+        # question about the past); a question about now then prefills nothing but itself. They are prefilled
+        # after the kept window, out of time order; their timestamps say when they were.
+        if query is None:
+            query = self.embedder.embed_texts([question])[0]
+        window_hits = self.memory.search(query, k=len(kept.picks), streams=[stream], since=window_start)
+        bar = max((score for _, score in window_hits), default=float("-inf"))
         try:
-            older = self.select(question, streams=[stream], budget=budget, until=window_start)
-        except VidmemError:  # nothing before the window yet
+            older = self.select(question, streams=[stream], budget=budget - window_tokens, until=window_start, query=query)
+        except VidmemError:  # nothing before the window, or no room left for it
             older = None
-        extra: list[Pick] = []
-        room = budget - window_tokens
         have = {p.row.id for p in kept.picks}
-        for pick in sorted(older.picks if older else [], key=lambda p: -p.score):
-            if pick.row.id not in have and pick.row.end <= window_start and pick.tokens <= room:
-                extra.append(pick)
-                room -= pick.tokens
+        extra = [
+            p for p in (older.picks if older else [])
+            if p.reason == "clip" and p.score > bar and p.row.id not in have and p.row.end <= window_start
+        ]
         extra.sort(key=lambda p: p.row.start)
         return self.answerer.answer(question, [], self.memory.read_tokens, on_token=on_token, extra=extra, prefix=kept)
 

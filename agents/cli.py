@@ -253,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if level > logging.DEBUG:
         for noisy in ("transformers", "sentence_transformers", "huggingface_hub", "httpx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1") if not sys.stderr.isatty() else None
     try:
         return COMMANDS[args.command](args)
     except VidmemError as exc:

@@ -57,7 +57,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"device {spec!r} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {spec!r} does not exist: only {torch.cuda.device_count()} CUDA GPU(s) are visible.")
+            count = torch.cuda.device_count()
+            raise ConfigError(f"device {spec!r} does not exist: only {count} CUDA GPU(s) are visible.")
     elif device.type != "cpu":
         raise ConfigError(f"device {spec!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
     return device
@@ -107,12 +108,19 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+def _offline_mode() -> bool:
+    """HF_HUB_OFFLINE, read again because huggingface_hub reads it only once, at import."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return bool(constants.HF_HUB_OFFLINE) or value in {"1", "true", "yes", "on"}
+
+
 def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the hub endpoint opens within `timeout` seconds (honours HF_HUB_OFFLINE)."""
     from huggingface_hub import constants
 
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so a later setting also counts
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+    if _offline_mode():
         return False
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -146,20 +154,20 @@ def _in_cache(repo_ids: list[str], filename: str) -> str | None:
     return None
 
 
-def _resolve(name: str, *, marker_file: str, st_bare_names: bool = False) -> _Source:
+def _resolve(name: str, *, what: str, marker_file: str, st_bare_names: bool = False) -> _Source:
     """Decides how to load `name`; raises ModelNotFoundError at once when it cannot possibly load."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / marker_file).is_file():
             raise ModelNotFoundError(
-                f"could not load model from directory '{name}': it has no {marker_file}, so it is not a saved "
-                f"checkpoint; pass a directory written by save_pretrained or downloaded with `huggingface-cli download`."
+                f"could not load {what} from directory '{name}': it has no {marker_file}, so it is not a saved "
+                f"checkpoint; pass a directory written by save_pretrained or downloaded with `hf download`."
             )
         return _Source(name, str(path), local_dir=True, local_files_only=True)
     if path.exists():
-        raise ModelNotFoundError(f"could not load model '{name}': it is a file, not a checkpoint directory or hub id.")
+        raise ModelNotFoundError(f"could not load {what} '{name}': it is a file, not a checkpoint directory or hub id.")
     if _looks_like_path(name):
-        raise ModelNotFoundError(f"could not load model '{name}': no such directory, and it is not a hub id.")
+        raise ModelNotFoundError(f"could not load {what} '{name}': no such directory, and it is not a hub id.")
     candidates = [name]
     if st_bare_names and "/" not in name:
         candidates.insert(0, f"{ST_ORGANIZATION}/{name}")  # what sentence-transformers itself tries first
@@ -167,12 +175,16 @@ def _resolve(name: str, *, marker_file: str, st_bare_names: bool = False) -> _So
     if cached is not None:
         return _Source(name, cached, local_dir=False, local_files_only=True)
     if not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if _offline_mode() else "the hub is unreachable"
         raise ModelNotFoundError(
-            f"could not load model '{name}': it is not a local directory, not in the Hugging Face cache, and the "
-            f"hub is unreachable; download it on a machine with network (`huggingface-cli download "
-            f"{candidates[0]} --local-dir DIR`) and pass that directory instead of '{name}'."
+            f"could not load {what} '{name}': it is not a local directory, not in the Hugging Face cache, and "
+            f"{why}; download it on a machine with network (`hf download "
+            f"{candidates[0]} --local-dir DIR`) and point vidmem at it ({_FLAGS.get(what, '--model')} DIR)."
         )
     return _Source(name, name, local_dir=False, local_files_only=False)
+
+
+_FLAGS = {"model": "--model", "embedder": "--embedder", "caption embedder": "--caption-embedder"}  # CLI flag per role
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -194,14 +206,20 @@ def _loading(source: _Source, what: str) -> Iterator[None]:
         if source.local_dir:
             message = (
                 f"could not load {what} from directory '{source.name}': it is not a valid checkpoint ({reason}); "
-                f"pass a complete directory written by save_pretrained or downloaded with `huggingface-cli download`."
+                f"pass a complete directory written by save_pretrained or downloaded with `hf download`."
             )
         elif isinstance(exc, GatedRepoError):
-            message = f"could not load {what} '{source.name}': the hub repository is gated; log in with `huggingface-cli login` after accepting its terms."
+            message = (
+                f"could not load {what} '{source.name}': the hub repository is gated; accept its terms on the hub "
+                f"and log in with `hf auth login`."
+            )
         elif isinstance(exc, RepositoryNotFoundError):
-            message = f"could not load {what} '{source.name}': the Hugging Face hub has no such repository; check the id."
+            message = f"could not load {what} '{source.name}': the Hugging Face hub has no such repository."
         else:
-            message = f"could not load {what} '{source.name}' from the Hugging Face hub ({reason}); download it with `huggingface-cli download {source.path} --local-dir DIR` and pass DIR instead."
+            message = (
+                f"could not load {what} '{source.name}' from the Hugging Face hub ({reason}); download it with "
+                f"`hf download {source.path} --local-dir DIR` and pass DIR instead."
+            )
         raise ModelNotFoundError(message) from exc
 
 
@@ -222,6 +240,11 @@ class VLM:
     stop_ids: tuple[int, ...] = field(default=())  # token ids that end an answer (<|im_end|>, <|endoftext|>)
 
     @property
+    def _inner(self) -> Any:
+        """The LlavaOnevisionModel inside (transformers 5 nests it under `.model`; 4.x kept its parts on top)."""
+        return self.model.model if hasattr(self.model, "model") else self.model
+
+    @property
     def hidden_size(self) -> int:
         """The language model's width H."""
         return int(self.model.config.text_config.hidden_size)
@@ -229,14 +252,12 @@ class VLM:
     @torch.no_grad()
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, D) tokens in the vision tower's space -> (N, H) language-model input embeddings."""
-        projector = self.model.model.multi_modal_projector if hasattr(self.model, "model") else self.model.multi_modal_projector
-        return projector(tokens.to(self.device, self.dtype))
+        return self._inner.multi_modal_projector(tokens.to(self.device, self.dtype))
 
     @property
     def image_newline(self) -> torch.Tensor | None:
         """(H,) the learned separator LLaVA-OneVision appends after a video's frames (None if the model has none)."""
-        inner = self.model.model if hasattr(self.model, "model") else self.model
-        newline = getattr(inner, "image_newline", None)
+        newline = getattr(self._inner, "image_newline", None)
         return None if newline is None else newline.detach().to(self.device, self.dtype)
 
     @torch.no_grad()
@@ -248,7 +269,8 @@ class VLM:
         """The chat-templated prompt split where the visual evidence goes: (text before it, text after it).
 
         As in LLaVA-OneVision's own prompts, the visual block opens the user turn and the question follows on the
-        next line: `before` ends with "<|im_start|>user\\n", `after` is "\\n{user}<|im_end|>\\n<|im_start|>assistant\\n".
+        next line: `before` ends with "<|im_start|>user\\n",
+        `after` is "\\n{user}<|im_end|>\\n<|im_start|>assistant\\n".
         The caller embeds before + visual embeddings + after and generates from there.
         """
         content = f"{_VISUAL_MARKER}\n{user}"
@@ -259,8 +281,10 @@ class VLM:
     def chat_ids(self, system: str, user: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`chat_prompt` tokenized: two 1-D LongTensors of ids (no extra special tokens added)."""
         before, after = self.chat_prompt(system, user)
-        encode = lambda s: torch.tensor(self.tokenizer(s, add_special_tokens=False).input_ids, dtype=torch.long)  # noqa: E731
-        return encode(before), encode(after)
+        return self._encode(before), self._encode(after)
+
+    def _encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` takes (for budgeting against `context_length`)."""
@@ -296,7 +320,8 @@ def load_vlm(name_or_path: str | None = None, *, device: str = "auto", attn: str
     name = name_or_path or default_model(dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     attn = _check_attention(attn, dev)
-    source = _resolve(name, marker_file="config.json")  # before importing transformers: refusals come at once
+    # resolved before importing transformers, so refusals come at once
+    source = _resolve(name, what="model", marker_file="config.json")
     from transformers import AutoConfig, AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
     from transformers.utils import cached_file
 
@@ -395,14 +420,18 @@ class Embedder:
     def _encode(self, inputs: list) -> np.ndarray:
         with torch.inference_mode():
             out = self.model.encode(
-                inputs, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+                inputs,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
             )
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def _load_sentence_transformer(name: str, *, device: str, what: str, images: bool) -> Embedder:
     dev = resolve_device(device)
-    source = _resolve(name, marker_file="modules.json", st_bare_names=True)
+    source = _resolve(name, what=what, marker_file="modules.json", st_bare_names=True)
     from sentence_transformers import SentenceTransformer
 
     with _loading(source, what):

@@ -209,7 +209,7 @@ class Outbox:
         self._items.append(message)
         self._bytes += len(message.payload)
         while len(self._items) > 1 and (len(self._items) > self.max_messages or self._bytes > self.max_bytes):
-            victim = next((m for m in self._items if not m.event and m is not self.in_flight and m is not message), None)
+            victim = next((m for m in self._items if not m.event and m is not self.in_flight), None)
             if victim is None:
                 victim = next(m for m in self._items if m is not self.in_flight)
                 self.dropped_events += 1
@@ -338,6 +338,7 @@ class Monitor:
             stopping.cancel()
             raise connection.exception()
         tasks: list[asyncio.Task] = []
+        ingests: list[asyncio.Task] = []
         try:
             if not stop.is_set():
                 await asyncio.to_thread(self._load_rules)
@@ -346,14 +347,16 @@ class Monitor:
                 tasks.append(asyncio.create_task(self._score_loop(), name="mqtt-score"))
                 tasks.append(asyncio.create_task(self._work_loop(), name="mqtt-work"))
                 for name, source in self.sources.items():
-                    tasks.append(asyncio.create_task(self._ingest(name, source, stop), name=f"ingest-{name}"))
+                    ingests.append(asyncio.create_task(self._ingest(name, source, stop), name=f"ingest-{name}"))
                 self.ready.set()
                 await stop.wait()
         finally:
             stopping.cancel()
-            for task in tasks:
+            if ingests:  # they see `stop` and finish their segment in flight; scoring keeps running meanwhile
+                await asyncio.wait(ingests, timeout=self.options.segment_wait)
+            for task in ingests + tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*ingests, *tasks, return_exceptions=True)
             for stream, trackers in self.trackers.items():
                 for tracker in trackers.values():
                     for change in tracker.close():
@@ -407,6 +410,8 @@ class Monitor:
                                            timeout=self.options.publish_timeout)
                     await client.publish(self.topics.available, "online", qos=self.options.qos, retain=True,
                                          timeout=self.options.publish_timeout)
+                    for stream in list(self.trackers):  # a broker that lost its retained messages gets them back
+                        self._publish_rules_state(stream)
                     if not first.done():
                         first.set_result(None)
                     await self._serve(client)
@@ -415,7 +420,9 @@ class Monitor:
                                              timeout=self.options.publish_timeout)
                         log.info("MQTT: disconnected from %s (offline published)", self.broker.where)
                         return
-            except aiomqtt.MqttError as exc:
+            except Exception as exc:  # MqttError above all; anything else is logged and retried the same way
+                if not isinstance(exc, aiomqtt.MqttError):
+                    log.exception("MQTT: unexpected failure of the connection")
                 reason = describe_mqtt_error(exc, self.broker)
                 if not first.done():
                     if self.options.fail_fast:
@@ -468,11 +475,16 @@ class Monitor:
     # ---- inbound ----------------------------------------------------------------------------------------------
     def _handle(self, topic: str, payload: Any) -> None:
         """Validate one inbound message and hand it on; every problem becomes an error message, never an exception."""
+        data = payload if isinstance(payload, (bytes, bytearray)) else str(payload if payload is not None else "").encode()
+        if topic == self.topics.discovery_status:
+            if bytes(data).strip() == b"online":
+                for stream in list(self.trackers):
+                    self._publish_rules_state(stream)
+            return
         route = self.topics.parse(topic)
         if route is None:
             return  # not ours (a wildcard match on a topic we do not serve)
         stream, action = route
-        data = payload if isinstance(payload, (bytes, bytearray)) else str(payload if payload is not None else "").encode()
         if len(data) > self.options.max_payload:
             self._error(topic, "too_large", f"the payload has {len(data)} bytes; the limit is {self.options.max_payload}.")
             return

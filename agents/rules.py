@@ -268,8 +268,13 @@ class Topics:
     def errors(self) -> str:
         return f"{self.prefix}/errors"
 
+    @property
+    def discovery_status(self) -> str:
+        """Home Assistant announces `online` here when it (re)starts: the cue to republish discovery configs."""
+        return f"{self.discovery}/status"
+
     def subscriptions(self) -> list[str]:
-        return [f"{self.prefix}/+/ask", f"{self.prefix}/+/trigger", f"{self.prefix}/+/rules/set"]
+        return [f"{self.prefix}/+/ask", f"{self.prefix}/+/trigger", f"{self.prefix}/+/rules/set", self.discovery_status]
 
     def answer(self, stream: str) -> str:
         return f"{self.prefix}/{stream}/answer"

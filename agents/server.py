@@ -413,7 +413,8 @@ class LiveServer:
                                                        "send frames for a few more seconds and ask again") from None
 
             def on_token(text: str) -> None:  # in the answering thread
-                loop.call_soon_threadsafe(self._send, client, protocol.token(ask.id, text), droppable=True)
+                loop.call_soon_threadsafe(functools.partial(self._send, client, protocol.token(ask.id, text),
+                                                            droppable=True))
 
             call = functools.partial(self.app.ask, ask.question, streams=[state.name], budget=ask.budget,
                                      on_token=on_token, live=True)
@@ -493,6 +494,8 @@ class LiveServer:
         state.segments += 1
         state.frames_stored += len(segment)
         state.first_segment.set()
+        for client in list(state.clients):  # so pages can show the stream's segment count as it grows
+            self._ack(client)
         self._refresh_live(state)
         for callback in list(self.on_segment):
             try:

@@ -119,6 +119,8 @@ class SVCCompressor(Compressor):
         nn.init.zeros_(self.dec_out.weight)
         nn.init.zeros_(self.dec_out.bias)
         self.decoder_blocks = nn.Sequential(*(ResidualBlock(dim, bottleneck=bottleneck) for _ in range(depth)))
+        # ViT features carry absolute position embeddings that pooling averages away; the decoder learns them back
+        self.dec_pos = nn.Parameter(torch.zeros(num_patches, dim))
 
     def token_count(self, num_frames: int) -> int:
         fast = math.ceil(num_frames / self.s_t) * self.latent_side**2
@@ -160,7 +162,7 @@ class SVCCompressor(Compressor):
         x = self.dec_out(F.gelu(x)).movedim(-1, 1)  # (B, D, t*s_t, h*s, w*s)
         x = self.decoder_blocks(up + x)
         x = x[:, :, :num_frames, : self.side, : self.side]  # crop the padding, (B, D, T, side, side)
-        return rearrange(x, "b d t h w -> b t (h w) d")
+        return rearrange(x, "b d t h w -> b t (h w) d") + self.dec_pos
 
     def reconstruction_loss(self, features: torch.Tensor) -> torch.Tensor:
         """Eq. 11: mean |f - D(C(f) + avgpool3d(f))| over a batch of segments (B, T, L, D)."""

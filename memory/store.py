@@ -533,11 +533,14 @@ class Memory:
 
     def _age_out(self, name: str) -> int:
         with self._lock:
-            row = self._conn.execute("SELECT id, max_age FROM streams WHERE name = ?", (name,)).fetchone()
+            row = self._conn.execute("SELECT id, max_age, max_span FROM streams WHERE name = ?", (name,)).fetchone()
             if row is None or row[1] is None:
                 return 0
-            sid, max_age = row
-            newest = self._conn.execute("SELECT MAX(end) FROM segments WHERE stream_id = ?", (sid,)).fetchone()[0]
+            sid, max_age, span = row
+            # The newest end lies within max_span of the newest start: two index lookups, not a scan.
+            newest = self._conn.execute(
+                "SELECT MAX(end) FROM segments WHERE stream_id = ? AND start >= "
+                "(SELECT MAX(start) FROM segments WHERE stream_id = ?) - ?", (sid, sid, span)).fetchone()[0]
             if newest is None:
                 return 0
             # Live streams carry unix times: age counts from now. Recordings carry seconds from the file start:

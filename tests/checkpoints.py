@@ -145,9 +145,14 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    # Random weights fall into repeating one token (often a newline); the penalty, which vidmem's decoder honours
-    # like any generation_config setting, makes them produce visible text so tests can check that answers stream.
-    model.generation_config.repetition_penalty = 1.5
+    # Random weights fall into repeating one token, often a newline. These generation_config settings, which
+    # vidmem's decoder honours like any checkpoint's, make them write at least a few visible tokens, so tests can
+    # check that answers are non-empty and stream: no whitespace-only tokens, no immediate stop, no loops.
+    model.generation_config.suppress_tokens = [
+        i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip() and i not in ids.values()
+    ]
+    model.generation_config.min_new_tokens = 4
+    model.generation_config.repetition_penalty = 1.3
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     # name the class the real checkpoint names, so AutoTokenizer takes the same route (it reads tokenizer.json)
@@ -193,7 +198,12 @@ def build_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
             pad_token_id=eos,
         ).to_dict(),
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=224, patch_size=32
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
         ).to_dict(),
         projection_dim=32,
     )
@@ -241,7 +251,9 @@ def build_tiny_minilm(directory: Path, *, seed: int = 0) -> Path:
     )
     cls_id, sep_id = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
     raw.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,

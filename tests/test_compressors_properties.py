@@ -155,19 +155,22 @@ def test_dynfocus_spatial_prototypes_find_the_objects_in_a_frame():
     assert distance.min(dim=1).values.max() < 0.01 * distance.max()  # objects lie ~40 apart
 
 
-def test_dynfocus_gives_the_odd_frame_out_the_cones():
+def test_dynfocus_gives_cones_to_one_frame_per_event():
     gen = torch.Generator().manual_seed(2)
     base = torch.randn(PATCHES, DIM, generator=gen)
-    # three near-repeats and, at t = 2, a frame unlike the others: DPC-KNN's distance indicator makes it a peak
+    # frames 0, 1, 3 repeat one scene; frame 2 shows another: two events, so two density peaks
     frames = torch.stack([base + 0.01 * torch.randn(PATCHES, DIM, generator=gen) for _ in range(4)])
     frames[2] = torch.randn(PATCHES, DIM, generator=gen) * 2
-    dynfocus = build_compressor("dynfocus", dim=DIM, events=1, candidates=2).eval()
-    important, _, _ = dynfocus.select_events(frames)
-    assert important.tolist() in ([2], [0], [1], [3])  # a density peak is chosen ...
-    peaks = dpc_knn(pool_grid(frames, 7), 2, k=5)
-    assert 2 in peaks.centers.tolist()  # ... and the odd frame is one of the two peaks
+    dynfocus = build_compressor("dynfocus", dim=DIM, events=2, candidates=2).eval()
+    important, events, _ = dynfocus.select_events(frames)
+    assert 2 in important.tolist() and len(set(important.tolist()) & {0, 1, 3}) == 1
     block = dynfocus(frames)
-    assert block.count == dynfocus.token_count(4) == 1 + 64 + 32 + 16 + 3 * 2
+    cone = 1 + 64 + 32 + 16
+    assert block.count == dynfocus.token_count(4) == 2 * cone + 2 * 2
+    # with one event, the Cones go to the repeated scene (the densest peak) and the odd frame gets 2 Rod tokens
+    single = build_compressor("dynfocus", dim=DIM, events=1, candidates=2).eval()
+    assert single.select_events(frames)[0].tolist()[0] in (0, 1, 3)
+    assert single(frames).count == cone + 3 * 2
 
 
 # -- STC-Pruner --------------------------------------------------------------------------------------------

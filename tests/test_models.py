@@ -61,7 +61,10 @@ def test_chat_prompt_wraps_visual_block_in_the_checkpoint_template(vlm: VLM) -> 
     assert before == "<|im_start|>system\nYou watch a camera.<|im_end|>\n<|im_start|>user\n"
     assert after == "\nWhat happened at the door?<|im_end|>\n<|im_start|>assistant\n"
     rendered = vlm.tokenizer.apply_chat_template(
-        [{"role": "system", "content": "You watch a camera."}, {"role": "user", "content": "<image>\nWhat happened at the door?"}],
+        [
+            {"role": "system", "content": "You watch a camera."},
+            {"role": "user", "content": "<image>\nWhat happened at the door?"},
+        ],
         tokenize=False,
         add_generation_prompt=True,
     )
@@ -83,6 +86,7 @@ def test_answer_generates_from_text_and_projected_visual_embeddings(vlm: VLM) ->
             attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
             max_new_tokens=4,
             do_sample=False,
+            repetition_penalty=1.0,
             pad_token_id=vlm.tokenizer.pad_token_id,
         )
     assert 1 <= out.shape[1] <= 4
@@ -123,6 +127,8 @@ def test_caption_embedder_embeds_text_only(tiny_models) -> None:
     np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
     with pytest.raises(ConfigError, match="text only"):
         embedder.embed_images(_frames(1))
+    with pytest.raises(ModelNotFoundError, match="CLIP-style"):
+        load_embedder(str(tiny_models.minilm), device="cpu")  # a text model cannot embed keyframes
 
 
 def test_missing_hub_model_fails_at_once_with_download_guidance(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,7 +136,7 @@ def test_missing_hub_model_fails_at_once_with_download_guidance(monkeypatch: pyt
     with pytest.raises(ModelNotFoundError) as caught:
         load_vlm("vidmem-tests/no-such-model", device="cpu")
     message = str(caught.value)
-    assert "vidmem-tests/no-such-model" in message and "huggingface-cli download" in message
+    assert "vidmem-tests/no-such-model" in message and "hf download" in message
     assert "\n" not in message
     with pytest.raises(ModelNotFoundError, match="sentence-transformers/no-such-embedder"):
         load_embedder("no-such-embedder", device="cpu")  # bare names live under sentence-transformers/
@@ -154,7 +160,8 @@ def test_broken_local_directories_give_clear_errors(tiny_models, tmp_path: Path)
         load_vlm(str(tiny_models.minilm), device="cpu")
     garbled = tmp_path / "garbled"
     shutil.copytree(tiny_models.clip, garbled)
-    (garbled / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "nowhere", "type": "nope.Module"}]))
+    bogus = [{"idx": 0, "name": "0", "path": "nowhere", "type": "nope.Module"}]
+    (garbled / "modules.json").write_text(json.dumps(bogus))
     with pytest.raises(ModelNotFoundError, match="not a valid checkpoint"):
         load_embedder(str(garbled), device="cpu")
 
@@ -182,6 +189,7 @@ def test_attention_choice_is_checked_before_loading(tiny_models) -> None:
 
 
 def test_importing_agents_loads_no_model_libraries() -> None:
-    code = "import sys, vidmem.agents; print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))"
+    heavy = ("torch", "transformers", "sentence_transformers")
+    code = f"import sys, vidmem.agents; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
