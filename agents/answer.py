@@ -227,11 +227,13 @@ class Answerer:
         on_token: Callable[[str], None] | None = None,
         extra: Sequence[Pick] = (),
         prefix: KeptPrefix | None = None,
+        keep: bool = True,
     ) -> Answer:
         """Answer `question` from `picks` (kept as a reusable prefix), plus `extra` picks prefilled with the question.
 
         With `prefix` given (a live window), its cache is used and `picks` is ignored. Otherwise the answerer keeps
-        the prefix of its last question and reuses it when the evidence is the same (a follow-up question).
+        the prefix of its last question and reuses it when the evidence is the same (a follow-up question);
+        `keep=False` answers without touching that kept prefix (captions written during ingest).
         """
         started = time.perf_counter()
         with self.lock:
@@ -247,6 +249,8 @@ class Answerer:
                 if self.kept is not None and self.kept.key == key:
                     prefix = self.kept
                     cached = prefix.length
+                elif not keep:
+                    prefix = self.prefill(picks, read_tokens)
                 else:
                     self.kept = None  # free the old cache before building the new one
                     prefix = self.kept = self.prefill(picks, read_tokens)

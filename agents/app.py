@@ -58,6 +58,16 @@ def jpeg(image: np.ndarray, *, quality: int = 85, max_side: int = 640) -> bytes:
     return buffer.getvalue()
 
 
+def fuse(*rankings: list[tuple[object, float]], k: float = 60.0) -> list[tuple[object, float]]:
+    """Reciprocal-rank fusion of several ranked candidate lists (their scores live on different scales)."""
+    fused: dict[int, list] = {}
+    for ranking in rankings:
+        for rank, (row, _) in enumerate(ranking):
+            entry = fused.setdefault(row.id, [row, 0.0])
+            entry[1] += 1.0 / (k + rank + 1)
+    return sorted(((row, score) for row, score in fused.values()), key=lambda item: -item[1])
+
+
 class MemorySink:
     """The ingest loop's sink: encode + compress + embed segments, then store them in the memory."""
 
@@ -87,6 +97,8 @@ class MemorySink:
             tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg,
         )
         self.last_row = row
+        if self.app.settings.captions:
+            self.app.caption(row)
         if self.on_segment is not None:
             self.on_segment(row, segment)
         return row.tokens
@@ -106,6 +118,7 @@ class Vidmem:
         self.readonly = readonly
         self._lock = threading.RLock()
         self._memory = self._vlm = self._embedder = self._compressor = self._answerer = None
+        self._caption_embedder = None
         self.live: dict[str, KeptPrefix] = {}  # live streams' kept KV caches of their recent window
 
     @property
@@ -207,6 +220,28 @@ class Vidmem:
     def _prepare_ingest(self) -> None:
         self.memory.bind(self.manifest())  # refuses a memory made with another encoder before any work
 
+    # ---- captions -----------------------------------------------------------------------------------
+    CAPTION_PROMPT = "Describe what happens in this video segment in one short sentence."
+
+    @property
+    def caption_embedder(self):
+        with self._lock:
+            if self._caption_embedder is None:
+                from vidmem.agents.models import load_caption_embedder
+
+                self._caption_embedder = load_caption_embedder(self.settings.caption_embedder, device=self.settings.device)
+            return self._caption_embedder
+
+    def caption(self, row) -> str:
+        """Describe one stored segment with the VLM and index the caption's text embedding (blocking)."""
+        pick = Pick(row, Level.FULL, 0.0, "caption")
+        text = self.answerer.answer(self.CAPTION_PROMPT, [pick], self.memory.read_tokens, keep=False).text
+        self.memory.set_caption(row.id, text, self.caption_embedder.embed_texts([text])[0])
+        return text
+
+    def _has_captions(self) -> bool:
+        return bool(self.memory._meta("caption_dim"))  # set once the first caption embedding is stored
+
     # ---- questions ----------------------------------------------------------------------------------
     def _check_streams(self, streams: Sequence[str] | None) -> list[str] | None:
         if not streams:
@@ -243,6 +278,10 @@ class Vidmem:
             query = self.embedder.embed_texts([question])[0]
         opts = options or SelectOptions()
         candidates = self.memory.search(query, k=opts.candidates, streams=streams, since=since, until=until)
+        if self._has_captions():
+            text_query = self.caption_embedder.embed_texts([question])[0]
+            by_caption = self.memory.search(text_query, k=opts.candidates, streams=streams, since=since, until=until)
+            candidates = fuse(candidates, by_caption)
         from dataclasses import replace
 
         return select(timeline, candidates, options=replace(opts, budget=budget), live_streams=live_streams)

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressor", default="timeperceiver", help="token compressor (default timeperceiver)")
     p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--captions", action="store_true", help="describe each segment with the VLM and index the captions")
+    p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
     _common(p)
 
     p = sub.add_parser("ask", help="answer a question from the memory")
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="up to this time")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
     p.add_argument("--compressor-weights", type=Path, help="the checkpoint used at ingest (loads its projector)")
+    p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
     _common(p)
 
     p = sub.add_parser("serve", help="websocket server and page for live cameras")
@@ -125,6 +128,8 @@ def _settings(args: argparse.Namespace):
         compressor=getattr(args, "compressor", "timeperceiver"),
         compressor_weights=getattr(args, "compressor_weights", None),
         max_new_tokens=getattr(args, "max_new_tokens", 256),
+        captions=getattr(args, "captions", False),
+        caption_embedder=getattr(args, "caption_embedder", None),
     )
 
 

@@ -394,6 +394,7 @@ class LiveServer:
             return
         client.asking = True
         self.pending_questions += 1
+        self._ack(client)  # the exact frame count the answer can draw on
         asyncio.create_task(self._answer(client, message), name=f"vidmem-ask {client.stream.name}")
 
     async def _answer(self, client: Client, ask: Ask) -> None:

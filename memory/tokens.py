@@ -92,17 +92,23 @@ class TokenFiles:
 
     def write(self, stream: str, chunk: int, offset: int, data: bytes) -> None:
         """Write `data` at `offset` (not yet durable: call sync())."""
-        fd = self._fd(stream, chunk)
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
+        try:
+            fd = self._fd(stream, chunk)
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:
+            raise MemoryStoreError(f"cannot write token file {self.path(stream, chunk)}: {exc.strerror}.") from exc
         self._dirty.add((stream, chunk))
 
     def sync(self) -> None:
         """Make every write so far durable (fdatasync per touched chunk)."""
-        for key in self._dirty:
-            os.fdatasync(self._fds[key])
+        try:
+            for key in self._dirty:
+                os.fdatasync(self._fds[key])
+        except OSError as exc:
+            raise MemoryStoreError(f"cannot flush token files under {self.root}: {exc.strerror}.") from exc
         self._dirty.clear()
 
     def seal(self, stream: str, chunk: int, end: int) -> None:

@@ -158,3 +158,21 @@ def test_native_path_spends_196_tokens_per_frame(app_factory, videos):
     answer = native_answer(app.answerer, frames, "What are they doing?")
     assert answer.visual_tokens == 4 * 196 + 1
     assert answer.text
+
+
+def test_captions_are_written_at_ingest_and_join_retrieval(tiny_models, videos, tmp_path):
+    import asyncio
+
+    from vidmem.stream import open_source
+
+    settings = Settings(memory=tmp_path / "memory", model=str(tiny_models.llava), embedder=str(tiny_models.clip),
+                        caption_embedder=str(tiny_models.minilm), device="cpu", captions=True, max_new_tokens=8)
+    app = Vidmem(settings)
+    try:
+        report = asyncio.run(app.ingest(open_source(str(videos["counter.mp4"]["file"])), stream="counter"))
+        rows = app.memory.segments(stream="counter")
+        assert len(rows) == report.segments and all(row.caption for row in rows), "every segment is described"
+        answer = app.ask("what number is shown?")
+        assert answer.text and {p.row.id for p in answer.picks} <= {r.id for r in rows}
+    finally:
+        app.close()

@@ -72,7 +72,9 @@ async def main(args: argparse.Namespace) -> int:
         async with asyncio.timeout(args.timeout):
             async for text in ws:
                 message = json.loads(text)
-                if message["type"] == "token" and not args.json:
+                if message["type"] == "ack":
+                    last_ack.update(message)
+                elif message["type"] == "token" and not args.json:
                     print(message["text"], end="", flush=True)
                 elif message["type"] == "answer":
                     if args.json:
