@@ -3,7 +3,8 @@ Language Models via Hierarchical Token Compression").
 
 - STC-Cacher (`CachedEncoder`): the vision tower is the bottleneck of a stream, and consecutive frames are often
   near-identical, so features of a recently encoded frame are reused for a frame whose downscaled pixels match it
-  within a tolerance; only changed frames reach the tower. Hits and misses are counted.
+  within a tolerance (on average, and at every thumbnail pixel, so a small local change such as a clock digit
+  still counts as a change); only changed frames reach the tower. Hits and misses are counted.
 - STC-Pruner (`Pruner`, `prune`): before the LLM prefill, keep only the most salient tokens of a token block,
   salience mixing spatial relevance (how much a token differs from its block's mean) and temporal relevance (how
   much it differs from every token of the previous block).
@@ -41,13 +42,15 @@ class CachedEncoder:
         encoder: VisionEncoder,
         *,
         tolerance: float = 2.0,  # mean absolute difference in 0..255 pixel units on the thumbnail
+        max_tolerance: float = 12.0,  # largest difference of any thumbnail pixel: a small local change is a change
         thumb_size: int = 32,  # frames are compared as thumb_size x thumb_size RGB thumbnails
         capacity: int = 8,  # most recent distinct frames kept, least recently used dropped first
     ) -> None:
-        if tolerance < 0 or thumb_size < 1 or capacity < 1:
-            raise ValueError("CachedEncoder needs tolerance >= 0, thumb_size >= 1 and capacity >= 1")
+        if tolerance < 0 or max_tolerance < 0 or thumb_size < 1 or capacity < 1:
+            raise ValueError("CachedEncoder needs tolerances >= 0, thumb_size >= 1 and capacity >= 1")
         self.encoder = encoder
         self.tolerance = tolerance
+        self.max_tolerance = max_tolerance
         self.thumb_size = thumb_size
         self.capacity = capacity
         self.hits = 0  # frames answered from the cache
@@ -66,10 +69,17 @@ class CachedEncoder:
         small = cv2.resize(np.ascontiguousarray(image), (self.thumb_size, self.thumb_size), interpolation=cv2.INTER_AREA)
         return small.astype(np.float32)
 
+    def same(self, a: np.ndarray, b: np.ndarray) -> bool:
+        """Whether two thumbnails show the same picture within the tolerances."""
+        if a.shape != b.shape:
+            return False
+        diff = np.abs(a - b)
+        return float(diff.mean()) <= self.tolerance and float(diff.max()) <= self.max_tolerance
+
     def _lookup(self, thumb: np.ndarray) -> int | None:
         for key in reversed(self._cache):  # most recent first
             cached, _ = self._cache[key]
-            if cached.shape == thumb.shape and float(np.abs(cached - thumb).mean()) <= self.tolerance:
+            if self.same(cached, thumb):
                 self._cache.move_to_end(key)
                 return key
         return None
@@ -93,9 +103,7 @@ class CachedEncoder:
                 sources.append(("cache", key))
                 continue
             # a repeat of a frame earlier in this same batch is a hit too
-            match = next(
-                (j for j, f in enumerate(fresh) if float(np.abs(thumbs[f] - thumb).mean()) <= self.tolerance), None
-            )
+            match = next((j for j, f in enumerate(fresh) if self.same(thumbs[f], thumb)), None)
             if match is not None:
                 sources.append(("new", match))
                 self.hits += 1

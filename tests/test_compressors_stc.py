@@ -46,6 +46,17 @@ def test_cacher_skips_the_tower_for_a_repeated_frame_and_encodes_a_changed_one(e
     torch.testing.assert_close(changed, encoder([arm]))
 
 
+def test_cacher_sees_a_small_local_change(encoder, videos):
+    # counter.mp4: consecutive frames differ only in the frame number printed on them
+    frames = decode_frames(videos["counter.mp4"]["file"], fps=10.0, max_frames=None)[:3]
+    cached = CachedEncoder(encoder)
+    cached([frames[0]])
+    cached([frames[1]])
+    assert (cached.hits, cached.misses) == (0, 2)
+    cached([frames[1].copy()])
+    assert cached.hits == 1
+
+
 def test_cacher_encodes_each_distinct_frame_of_a_batch_once(encoder, frames):
     pool, arm = frames
     cached = CachedEncoder(encoder, tolerance=2.0)
