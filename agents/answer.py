@@ -5,7 +5,8 @@ The prompt is the model's chat template with the evidence inside the user turn:
   evidence = for each picked segment: "[00:01:23-00:01:27]" then its visual tokens, projected by the VLM's own
              `multi_modal_projector` (tokens are stored in the vision space, Clapper section 3.1)
   tail   = question + "<|im_end|>\n<|im_start|>assistant\n"
-and is fed as `inputs_embeds`. Decoding is a plain greedy loop over the language model with a `DynamicCache`,
+and is fed as `inputs_embeds`. Decoding is a plain greedy loop over the language model with a `DynamicCache`
+(a `ReservedCache`, which appends in place),
 so that (a) tokens leave as they are generated, (b) the time to first token is measured where it happens, and
 (c) the cache of head + evidence can be kept: a follow-up question on the same evidence, or a question on a live
 stream whose recent window is already in the cache, prefills only the question (DESIGN.md "Answering").
@@ -21,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from vidmem.agents.select import Level, Pick
 from vidmem.compressors.base import pool_grid
@@ -65,6 +67,52 @@ def tokens_at_level(tokens: np.ndarray, pick: Pick) -> torch.Tensor:
     if x.shape[0] > slow:
         return x[slow:]  # the fast (TimePerceiver) tokens
     return pool_grid(x[:slow], 7)  # a 1-frame segment: its 14x14 keyframe pooled to 7x7
+
+
+class ReservedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views into buffers with room to grow.
+
+    DynamicLayer appends with `torch.cat`, copying the whole cache at every decoded token: with 6,000 tokens of
+    evidence that is ~150 MB per step for Qwen2-0.5B. Here a step writes one position in place; the buffers grow
+    (and are copied) only when full, by an eighth at least. `crop` (DynamicLayer's, a slice) keeps working: the next
+    update writes after the cropped length, over what was cut.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.reserved: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, kv heads, capacity, head dim) each
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        need = length + key_states.shape[-2]
+        if self.reserved is None or need > self.reserved[0].shape[-2]:
+            capacity = need + max(RESERVE_TOKENS, need // 8)
+            batch, heads, _, _ = key_states.shape
+            keys = key_states.new_empty((batch, heads, capacity, key_states.shape[-1]))
+            values = value_states.new_empty((batch, heads, capacity, value_states.shape[-1]))
+            if length:
+                keys[..., :length, :] = self.keys
+                values[..., :length, :] = self.values
+            self.reserved = (keys, values)
+        keys, values = self.reserved
+        keys[..., length:need, :] = key_states
+        values[..., length:need, :] = value_states
+        self.keys, self.values = keys[..., :need, :], values[..., :need, :]  # (B, kv heads, need, head dim) views
+        return self.keys, self.values
+
+
+RESERVE_TOKENS = 320  # room left after a prefill: a question (~20-60 tokens) and an answer (max_new_tokens 256)
+
+
+class ReservedCache(DynamicCache):
+    """A DynamicCache of ReservedLayers: appending a decoded token costs O(1) copying instead of O(cache)."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=ReservedLayer)
 
 
 def truncate(cache: DynamicCache, length: int) -> None:
@@ -122,6 +170,7 @@ class Answerer:
         self.system = system
         self.lock = threading.RLock()
         self.kept: KeptPrefix | None = None
+        self.cache_class: type[DynamicCache] = ReservedCache  # bench/answer.py times DynamicCache against it
         tokenizer = vlm.tokenizer
         self.head_text, self.tail_template = self._split_template(tokenizer)
         stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -193,7 +242,7 @@ class Answerer:
         with self.lock:
             embeds = torch.cat([self._text_embeds(self.head_text), self.evidence_embeds(picks, read_tokens)])
             self._check_context(embeds.shape[0])
-            cache = DynamicCache()
+            cache = self.cache_class()
             self._forward(embeds, cache)
             key = tuple((p.row.id, int(p.level)) for p in picks)
             return KeptPrefix(key=key, cache=cache, length=cache.get_seq_length(), picks=list(picks))
@@ -300,12 +349,12 @@ class Answerer:
             if next_id in self.stop_ids:
                 break
             ids.append(next_id)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()  # the streamed text is the answer's
             if not text.endswith("\ufffd") and len(text) > len(emitted):
                 if on_token is not None:
                     on_token(text[len(emitted) :])
                 emitted = text
             if step + 1 < self.max_new_tokens:
                 logits = self._forward(self.vlm.embed_ids(torch.tensor([next_id], device=self.vlm.device)), cache)
-        final = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        final = tokenizer.decode(ids, skip_special_tokens=True).strip()  # = the streamed pieces, bar trailing space
         return final, ttft

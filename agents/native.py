@@ -43,9 +43,7 @@ def native_answer(
         visual = native_visual_embeds(answerer.vlm, frames)
         embeds = torch.cat([answerer._text_embeds(answerer.head_text), visual, answerer.question_embeds(question)])
         answerer._check_context(embeds.shape[0])
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+        cache = answerer.cache_class()
         logits = answerer._forward(embeds, cache)
         text, ttft = answerer._decode(logits, cache, started, on_token)
     return Answer(

@@ -135,11 +135,13 @@ class LiveServer:
         self.finished: deque[dict] = deque(maxlen=64)  # figures of the streams whose ingest ended, newest last
         self.clients: set[Client] = set()
         self.pending_questions = 0
+        self._tasks: set[asyncio.Task] = set()  # questions being answered, connections being closed
         self._admitted: set[ServerConnection] = set()  # websocket handshakes let through, not yet finished
         self._server: Server | None = None
         self._pages: dict[str, tuple[bytes, str]] = {}
         self._decoder: ThreadPoolExecutor | None = None
         self._answerer: ThreadPoolExecutor | None = None
+        self._refresher: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started = 0.0
 
@@ -163,6 +165,9 @@ class LiveServer:
         # nor the ingest loop's worker thread.
         self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vidmem-decode")
         self._answerer = ThreadPoolExecutor(max_workers=self.limits.answer_workers, thread_name_prefix="vidmem-answer")
+        # Live-window refreshes have their own worker so that questions never queue behind a backlog of them (the
+        # answerer's lock still serialises the model work: a question waits for one refresh at most).
+        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidmem-refresh")
         try:
             self._server = await serve(
                 self._handle, self.host, self._port,
@@ -174,7 +179,7 @@ class LiveServer:
                 server_header="vidmem",
             )
         except OSError as exc:
-            self._shutdown_pools()
+            await self._shutdown_pools()
             raise ConfigError(f"cannot listen on {self.host}:{self._port}: {exc.strerror or exc}") from exc
         self.started = time.time()
         log.info("live server listening on %s", self.url)
@@ -194,12 +199,17 @@ class LiveServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        self._shutdown_pools()
+        for task in list(self._tasks):  # answers for clients that are gone now
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        await self._shutdown_pools()
 
-    def _shutdown_pools(self) -> None:
-        for pool in (self._decoder, self._answerer):
+    async def _shutdown_pools(self) -> None:
+        """Drop queued work and wait for what is running (model work must end before the app closes its memory)."""
+        for pool in (self._decoder, self._answerer, self._refresher):
             if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+                await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
     async def __aenter__(self) -> LiveServer:
         await self.start()
@@ -212,8 +222,13 @@ class LiveServer:
     def publish_event(self, stream: str, event: dict) -> int:
         """Send {"type": "event", ...} to the clients of `stream`; returns how many it was queued for.
 
-        Call it on the server's event loop (from another thread, use `loop.call_soon_threadsafe`).
+        Safe from any thread: called off the server's loop, it is handed over to it (and returns the count of
+        clients at the time of the call).
         """
+        if self._loop is not None and _running_loop() is not self._loop:
+            self._loop.call_soon_threadsafe(self.publish_event, stream, event)
+            state = self.streams.get(stream)
+            return len(state.clients) if state is not None else 0
         state = self.streams.get(stream)
         if state is None:
             return 0
@@ -262,7 +277,11 @@ class LiveServer:
     async def _handle(self, connection: ServerConnection) -> None:
         self._admitted.discard(connection)
         name = protocol.stream_name(parse_qs(urlsplit(connection.request.path).query))
-        state = await self._join(name)
+        try:
+            state = await self._join(name)
+        except LiveError as exc:
+            await connection.close(1013, str(exc)[:120])  # 1013: try again later
+            return
         limits = self.limits
         client = Client(
             connection, state, asyncio.Queue(), RateLimiter(limits.max_fps, limits.fps_burst),
@@ -313,9 +332,16 @@ class LiveServer:
             client.closed = True
             log.warning("closing client %s of stream %s: it reads too slowly (%d messages queued)",
                         client.connection.remote_address, client.stream.name, size)
-            asyncio.ensure_future(client.connection.close(SLOW_CLIENT, "reading too slowly: messages backed up"))
+            self._spawn(client.connection.close(SLOW_CLIENT, "reading too slowly: messages backed up"), "vidmem-close")
             return
         client.queue.put_nowait(protocol.dumps(message))
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        """A background task, referenced until done (the loop itself only keeps weak references)."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _error(self, client: Client, exc: VidmemError, **extra: Any) -> None:
         self._send(client, protocol.error(getattr(exc, "code", "error"), str(exc), **extra))
@@ -395,7 +421,7 @@ class LiveServer:
         client.asking = True
         self.pending_questions += 1
         self._ack(client)  # the exact frame count the answer can draw on
-        asyncio.create_task(self._answer(client, message), name=f"vidmem-ask {client.stream.name}")
+        self._spawn(self._answer(client, message), f"vidmem-ask {client.stream.name}")
 
     async def _answer(self, client: Client, ask: Ask) -> None:
         state = client.stream
@@ -441,6 +467,8 @@ class LiveServer:
             state = self.streams.get(name)
         if state is not None and not state.closing:
             return state
+        if state is not None:
+            raise LiveError("busy", f"stream '{name}' is still saving its last frames; connect again in a moment")
         from vidmem.stream.sources import PushSource
 
         state = StreamState(name, PushSource(name, max_pending=self.limits.source_queue))
@@ -482,7 +510,7 @@ class LiveServer:
             if self.streams.get(state.name) is state:
                 del self.streams[state.name]
             for client in list(state.clients):  # a failed stream's clients reconnect to a fresh one
-                asyncio.ensure_future(client.connection.close(1011, "the stream stopped being recorded"))
+                self._spawn(client.connection.close(1011, "the stream stopped being recorded"), "vidmem-close")
 
     def _ingest_options(self) -> Any:
         if self.ingest_options is not None:
@@ -507,11 +535,11 @@ class LiveServer:
     def _refresh_live(self, state: StreamState) -> None:
         """Extend the stream's kept KV cache with the new segment, so a question about now prefills only itself.
 
-        Runs on the answer worker (model work, serialised with answers); one refresh queued per stream at most,
+        Runs on the refresh worker (model work, serialised with answers); one refresh queued per stream at most,
         since a refresh takes every segment committed before it starts.
         """
         refresh = getattr(self.app, "refresh_live", None)
-        if refresh is None or not self.limits.prefill_live or state.refresh_queued or self._answerer is None:
+        if refresh is None or not self.limits.prefill_live or state.refresh_queued or self._refresher is None:
             return
         state.refresh_queued = True
 
@@ -523,9 +551,16 @@ class LiveServer:
                 log.warning("refreshing the live window of stream %s failed", state.name, exc_info=True)
 
         try:
-            self._answerer.submit(run)
+            self._refresher.submit(run)
         except RuntimeError:  # the pool is shutting down
             state.refresh_queued = False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _response(status: int, body: bytes | str, kind: str = "text/plain; charset=utf-8") -> Response:

@@ -164,7 +164,8 @@ class DynFocusCompressor(Compressor):
         max_row = prototypes[torch.arange(prototypes.shape[0]), rows]  # (C, D)
         learned = self.score_net(torch.cat((max_row, prototypes.mean(dim=1)), dim=-1)).squeeze(-1).float()  # (C,)
         spread = learned.max() - learned.min()
-        learned = (learned - learned.min()) / spread if spread > 0 else learned * 0  # min-max normalised
+        # min-max normalised; while all scores tie (untrained) the value is 0 but the gradient still flows
+        learned = (learned - learned.min()) / spread if spread > 1e-6 else learned - learned.detach()
         # DPC order breaks ties (an untrained score network scores every candidate alike)
         rank = torch.linspace(1e-3, 0, prototypes.shape[0], device=learned.device)
         scores = learned + rank

@@ -2,7 +2,10 @@
 
 - objective "caption" (clapper-timeperceiver.txt, sections 3.2 and 4.1, stage 1): video-caption pairs; the vision
   encoder is frozen, the compressor and the VLM's projector are trained (the language model stays frozen unless
-  `train_llm`); the loss is the next-token loss of the caption given [prompt, visual tokens].
+  `train_llm`); the loss is the next-token loss of the caption given the chat-templated prompt with the visual
+  tokens opening the user turn, the layout the answering VLM uses at question time. Departure: Clapper also
+  trains the language model in stage 1 (section 4.1); here it stays frozen by default, which keeps a stock VLM's
+  language ability and makes training affordable on one GPU or a CPU.
 - objective "reconstruction" (avs-svc-adaptive-sampler-and-compressor.txt, section 3.2.2, eq. 11): video only; the
   SVC compressor and its decoder minimise |f - D(C(f) + avgpool3d(f))| on frozen vision features.
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "vidmem-compressor"  # metadata "format" of a vidmem compressor checkpoint
 CHECKPOINT_VERSION = 1
 OBJECTIVES = ("caption", "reconstruction")
+SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2's default system turn, used around the caption prompt
 _ALIASES = {"reconstruct": "reconstruction", "svc": "reconstruction", "stage1": "caption"}
 
 
@@ -158,25 +162,40 @@ def read_jsonl(path: Path, *, need_captions: bool) -> list[Sample]:
     return samples
 
 
-def decode_frames(path: Path, *, fps: float = 1.0, max_frames: int | None = None) -> list[np.ndarray]:
-    """Decode `path` with PyAV, one frame per 1/fps seconds of presentation time, as (H, W, 3) uint8 RGB."""
+def decode_frames(
+    path: Path, *, fps: float = 1.0, max_frames: int | None = None, max_side: int = 768
+) -> list[np.ndarray]:
+    """Decode `path` with PyAV, one frame per 1/fps seconds of presentation time, as (H, W, 3) uint8 RGB.
+
+    With `max_frames`, at most that many frames come back, evenly spaced over the video (Clapper 4.1); memory stays
+    bounded on long videos because the sampling interval doubles whenever 2 * max_frames frames are held. Frames
+    larger than `max_side` are scaled down (the vision encoder resizes to 384 px anyway).
+    """
     import av
 
     frames: list[np.ndarray] = []
+    interval = 1.0 / fps
     next_time = 0.0
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                if frame.pts is None:
+                if frame.pts is None or frame.time_base is None:
                     continue
-                seconds = float(frame.pts * stream.time_base)
+                seconds = float(frame.pts * frame.time_base)
                 if seconds + 1e-6 < next_time:
                     continue
-                frames.append(frame.to_ndarray(format="rgb24"))
-                next_time = seconds + 1.0 / fps
-    except (av.error.FFmpegError, IndexError) as exc:
+                scale = max_side / max(frame.width, frame.height)
+                if scale < 1:
+                    width, height = round(frame.width * scale) // 2 * 2, round(frame.height * scale) // 2 * 2
+                    frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                else:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                next_time = seconds + interval
+                if max_frames is not None and len(frames) >= 2 * max_frames:
+                    frames, interval = frames[::2], interval * 2  # keep every other frame from now on
+    except (av.error.FFmpegError, IndexError, OSError) as exc:
         raise SourceError(f"cannot decode video {path}: {exc}") from exc
     if not frames:
         raise SourceError(f"no frames decoded from {path}")
@@ -206,7 +225,7 @@ class FeatureStore:
         frames = decode_frames(video, fps=self.options.fps, max_frames=self.options.max_frames)
         with torch.inference_mode():
             features = self.encoder(frames)  # (F, L, D)
-        features = features.clone()  # leave inference mode: autograd may use it as an input
+        features = features.to("cpu").clone()  # leave inference mode (autograd uses it); RAM, not GPU memory
         if self.options.feature_cache > 0:
             self._cache[video] = features
             while len(self._cache) > self.options.feature_cache:
@@ -247,16 +266,21 @@ def caption_loss(
     tokens = torch.cat([compressor(segment).tokens for segment in segments])  # (N, D) vision space
     visual = projector(tokens[None].to(device, next(projector.parameters()).dtype))  # (1, N, H)
     embed = model.get_input_embeddings()
-    prefix_ids = tokenizer(options.prompt + "\n", add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    caption_ids = tokenizer("\n" + caption.strip(), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    encode = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)  # noqa: E731
+    if hasattr(vlm, "chat_ids"):
+        # the layout the answering VLM uses at question time: chat template, visual block opening the user turn
+        before, after = (ids[None].to(device) for ids in vlm.chat_ids(SYSTEM_PROMPT, options.prompt))
+    else:
+        before, after = encode(options.prompt + "\n"), encode("\n")
+    caption_ids = encode(caption.strip())
     if tokenizer.eos_token_id is not None:
         eos = torch.tensor([[tokenizer.eos_token_id]], device=device)
         caption_ids = torch.cat((caption_ids, eos), dim=1)
-    prefix, target = embed(prefix_ids), embed(caption_ids)  # (1, P, H), (1, C, H)
-    inputs = torch.cat((prefix, visual.to(prefix.dtype), target), dim=1)  # (1, P + N + C, H)
+    prefix, suffix, target = embed(before), embed(after), embed(caption_ids)  # (1, P, H), (1, A, H), (1, C, H)
+    inputs = torch.cat((prefix, visual.to(prefix.dtype), suffix, target), dim=1)  # (1, P + N + A + C, H)
     lm, head = _language_model(model)
-    hidden = lm(inputs_embeds=inputs).last_hidden_state  # (1, P + N + C, H)
-    start = prefix.shape[1] + visual.shape[1]
+    hidden = lm(inputs_embeds=inputs).last_hidden_state  # (1, P + N + A + C, H)
+    start = prefix.shape[1] + visual.shape[1] + suffix.shape[1]
     # position i predicts token i + 1: the caption's tokens are predicted from the positions just before them
     logits = head(hidden[:, start - 1 : -1]).float()  # (1, C, V)
     loss = F.cross_entropy(logits.flatten(0, 1), caption_ids.flatten())
@@ -404,6 +428,8 @@ def train(options: TrainOptions, *, vlm: Any = None) -> TrainReport:
             head.float().requires_grad_(True)
             trainable += [p for p in (*lm.parameters(), *head.parameters()) if p.requires_grad]
         trainable = list({id(p): p for p in trainable}.values())
+    if not trainable:
+        raise ConfigError(f"nothing to train: compressor '{compressor.name}' has no parameters and the projector is frozen")
     optimiser = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     use_bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -173,8 +173,17 @@ class VectorIndex:
         if self.count == 0 or k <= 0:
             return []
         # One query is too little work to split: OpenMP threads only spin and, on a busy machine, multiply the
-        # latency (measured 3.3 ms -> 25 ms for a 10k flat search on 2 cores). The setting is per thread.
+        # latency (measured 3.3 ms -> 25 ms for a 10k flat search on 2 cores). The setting is per thread, and
+        # torch shares the OpenMP runtime: restored afterwards, or the caller's next prefill runs on one core.
+        threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
+        try:
+            return self._search(query, k, streams, since, until)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def _search(self, query: np.ndarray, k: int, streams: list[int] | None, since: float | None,
+                until: float | None) -> list[tuple[int, int, float]]:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)  # (1, E)
         if streams is None and since is None and until is None:
             scores, ids = self._plain_search(q, k)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
+import cv2
 import numpy as np
 
 from vidmem.errors import SourceError
@@ -32,6 +33,8 @@ def open_container(url: str, *, name: str, format: str | None = None, options: d
     try:
         container = av.open(url, mode="r", format=format, options=options or {},
                             timeout=(open_timeout, read_timeout))
+    except av.error.ExitError as exc:  # PyAV's timeout interrupted FFmpeg ("Immediate exit requested")
+        raise SourceError(f"Cannot open video source {name}: no video arrived within {open_timeout:g} s.") from exc
     except av.error.FFmpegError as exc:
         raise SourceError(f"Cannot open video source {name}: {_reason(exc)}.") from exc
     except OSError as exc:
@@ -104,14 +107,14 @@ def stream_rotation(stream: av.video.stream.VideoStream) -> int:
 
 def to_rgb(frame: av.VideoFrame, fallback_rotation: int = 0, max_side: int | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB as displayed: any pixel format converted, shrunk to `max_side`, the rotation applied."""
-    w, h = frame.width, frame.height
+    image = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+    h, w = image.shape[:2]
     if max_side and max(w, h) > max_side:
         scale = max_side / max(w, h)
-        # One swscale pass converts and shrinks: far cheaper than converting full size and resizing after.
-        w, h = max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
-        image = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()  # (h, w, 3)
-    else:
-        image = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+        # Measured: swscale converting and shrinking in one pass is slower than converting, then OpenCV's
+        # bilinear resize; area averaging only where bilinear would alias (shrinking by more than half).
+        size = (max(2, round(w * scale)), max(2, round(h * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR if scale >= 0.5 else cv2.INTER_AREA)
     try:
         rotation = int(frame.rotation)  # counter-clockwise degrees from the display matrix
     except (AttributeError, ValueError, TypeError):

@@ -19,19 +19,22 @@ Fades are not cuts (see `vidmem.stream.shots`): segments through a fade close ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from vidmem.errors import ConfigError, SourceError
 from vidmem.stream.sampling import TimeSampler
 from vidmem.stream.segmenter import Segmenter, StaticCheck
 from vidmem.stream.shots import ShotDetector, ShotOptions
-from vidmem.stream.sources import Source
+from vidmem.stream.avs import select_informative
+from vidmem.stream.sources import FileSource, Source
 from vidmem.stream.types import MAX_SEGMENT_FRAMES, Frame, Segment
 
 logger = logging.getLogger(__name__)
@@ -46,8 +49,10 @@ class IngestOptions:
     batch_segments: int = 4  # segments per sink.encode call at most
     queue_size: int = 16  # segments waiting for the encoder before the analysis task waits
     static_threshold: float = 3.0  # static check: mean grey difference (0..255) below which a segment repeats; 0 = off
+    static_max_seconds: float = 300.0  # static check: extend a stored segment over at most this many seconds
     detect_cuts: bool = True  # run the shot-boundary detector (AVS section 3.2.1)
     shots: ShotOptions = ShotOptions()  # shot-boundary detector settings
+    frame_budget: int | None = None  # files only: keep the k most informative frames (AVS eq. 5) instead of fps
 
     def __post_init__(self) -> None:
         if not self.fps > 0:
@@ -56,6 +61,8 @@ class IngestOptions:
             raise ConfigError(f"max_segment_frames must be between 1 and {MAX_SEGMENT_FRAMES}.")
         if self.batch_segments < 1 or self.queue_size < 1:
             raise ConfigError("batch_segments and queue_size must be at least 1.")
+        if self.frame_budget is not None and self.frame_budget < 1:
+            raise ConfigError(f"frame_budget must be at least 1 frame, not {self.frame_budget}.")
 
 
 class SegmentSink(Protocol):
@@ -108,6 +115,7 @@ class IngestReport:
 
 
 ENCODE, EXTEND = "encode", "extend"
+ANALYSIS_CHUNK = 8  # decoded frames of a file analysed per worker-thread call (fewer thread hops)
 
 
 class Analyser:
@@ -122,7 +130,8 @@ class Analyser:
         self.detector: ShotDetector[Frame] = ShotDetector(options.shots)
         self.sampler = TimeSampler(options.fps)
         self.segmenter = Segmenter(stream, max_frames=options.max_segment_frames, period=1.0 / options.fps)
-        self.static = StaticCheck(options.static_threshold) if options.static_threshold > 0 else None
+        self.static = (StaticCheck(options.static_threshold, options.static_max_seconds)
+                       if options.static_threshold > 0 else None)
         self._since_sample = 0.0  # the largest content score since the last sampled frame
         self._last_ts: float | None = None
         self._frame_duration = 0.0
@@ -149,6 +158,11 @@ class Analyser:
             out += self._route(self.segmenter.add(sampled, cut=cut))
         return out
 
+    def add_sampled(self, frame: Frame, *, cut: bool) -> list[tuple[str, Segment]]:
+        """Offline AVS mode: a frame already chosen (by `vidmem.stream.avs`) goes straight to the segmenter."""
+        self._last_ts = frame.ts
+        return self._route(self.segmenter.add(frame, cut=cut))
+
     def _route(self, segments: list[Segment]) -> list[tuple[str, Segment]]:
         return [(EXTEND if self.static is not None and self.static.repeats(s) else ENCODE, s) for s in segments]
 
@@ -157,7 +171,9 @@ class Analyser:
         if self._last_ts is None:
             return self.duration
         end = self._last_ts + self._frame_duration
-        return end if self.duration is None else max(min(self.duration, end), self._last_ts)
+        if self.duration is None or self._last_ts >= self.duration:  # frames past the declared end: trust them
+            return end
+        return max(min(self.duration, end), self._last_ts)
 
     def finish(self) -> list[tuple[str, Segment]]:
         """End of input (or stop): decide the frames in the detector's lookahead and close the last segment."""
@@ -179,6 +195,8 @@ class Analyser:
 async def ingest(source: Source, sink: SegmentSink, *, stream: str, options: IngestOptions = IngestOptions(),
                  progress: bool = False, stop: asyncio.Event | None = None) -> IngestReport:
     """Read `source` to its end (or until `stop` is set), storing its segments in `sink`; returns the report."""
+    if options.frame_budget is not None and not isinstance(source, FileSource):
+        raise ConfigError("frame_budget (AVS top-k sampling) needs a recorded file, not a live source.")
     report = IngestReport(stream=stream, source=source.name)
     analyser = Analyser(stream, options, duration=source.duration)
     queue: asyncio.Queue[tuple[str, Segment] | None] = asyncio.Queue(maxsize=options.queue_size)
@@ -186,26 +204,59 @@ async def ingest(source: Source, sink: SegmentSink, *, stream: str, options: Ing
     started = time.monotonic()
     bar = _progress_bar(source, progress)
 
+    async def analyse_budget() -> None:
+        # AVS eq. 3-5 over the whole file, then the chosen frames go through segmenting and the static check.
+        assert options.frame_budget is not None
+        selection = await asyncio.to_thread(select_informative, source.name, options.frame_budget,
+                                            shots=options.shots, max_side=getattr(source, "max_side", None))
+        analyser.decoded = selection.decoded
+        analyser.detector.cuts = list(selection.cuts)
+        cuts = set(selection.cuts)
+        for frame in selection.frames:
+            if stop.is_set():
+                break
+            for item in analyser.add_sampled(frame, cut=frame.ts in cuts):
+                await queue.put(item)
+        for item in analyser._route(analyser.segmenter.finish(end=selection.duration)):
+            await queue.put(item)
+
+    async def analyse_chunk(frames: list[Frame]) -> None:
+        if not frames:
+            return
+        chunk = list(frames)
+        frames.clear()
+        items = await asyncio.to_thread(lambda: [item for f in chunk for item in analyser.feed(f)])
+        for item in items:
+            await queue.put(item)
+        if bar is not None:
+            _advance(bar, chunk[-1].ts, started)
+
     async def analyse() -> None:
         seen_gaps = 0
         failure: BaseException | None = None
         try:
-            async with _closing(source.frames()) as frames:
+            if options.frame_budget is not None:
+                await analyse_budget()
+                return
+            pending: list[Frame] = []  # files: frames analysed a chunk per worker-thread call
+            async with contextlib.aclosing(source.frames()) as frames:
                 async for frame in _until(frames, stop):
-                    while len(source.gaps) > seen_gaps:
-                        for item in analyser.gap(*source.gaps[seen_gaps]):
-                            await queue.put(item)
-                        seen_gaps += 1
-                    for item in await asyncio.to_thread(analyser.feed, frame):
-                        await queue.put(item)
-                    if bar is not None:
-                        _advance(bar, frame.ts, started)
+                    if len(source.gaps) > seen_gaps:
+                        await analyse_chunk(pending)
+                        while len(source.gaps) > seen_gaps:
+                            for item in analyser.gap(*source.gaps[seen_gaps]):
+                                await queue.put(item)
+                            seen_gaps += 1
+                    pending.append(frame)
+                    if source.live or len(pending) >= ANALYSIS_CHUNK:  # live: no waiting for company
+                        await analyse_chunk(pending)
+            await analyse_chunk(pending)
             for item in await asyncio.to_thread(analyser.finish):
                 await queue.put(item)
         except SourceError as exc:
             failure = exc  # store what was completed before the fault, not the segment in flight
-        finally:
-            await queue.put(None)
+        # Not in a `finally`: when cancelled, nobody would take the sentinel from a full queue.
+        await queue.put(None)
         if failure is not None:
             raise failure
 
@@ -234,7 +285,8 @@ async def ingest(source: Source, sink: SegmentSink, *, stream: str, options: Ing
         await asyncio.gather(analysis, storage)
     except BaseException:
         # One side failed: let the storage side finish what it holds only when the source failed.
-        if analysis.done() and isinstance(analysis.exception(), SourceError) and not storage.done():
+        failed_source = analysis.done() and not analysis.cancelled() and isinstance(analysis.exception(), SourceError)
+        if failed_source and not storage.done():
             await storage
         for task in (analysis, storage):
             task.cancel()
@@ -269,20 +321,7 @@ async def _encode_and_commit(sink: SegmentSink, batch: list[Segment], report: In
         report.video_seconds += segment.end - segment.start
 
 
-class _closing:
-    """`async with` for an async generator: always aclose it (so a file's decoder thread step ends)."""
-
-    def __init__(self, agen):  # noqa: ANN001
-        self.agen = agen
-
-    async def __aenter__(self):  # noqa: ANN204
-        return self.agen
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.agen.aclose()
-
-
-async def _until(frames, stop: asyncio.Event):  # noqa: ANN001, ANN202
+async def _until(frames: AsyncIterator[Frame], stop: asyncio.Event) -> AsyncIterator[Frame]:
     """Yield from `frames` until `stop` is set, even while the source is waiting for its next frame."""
 
     async def next_frame() -> tuple[bool, Frame | None]:
@@ -308,7 +347,7 @@ async def _until(frames, stop: asyncio.Event):  # noqa: ANN001, ANN202
         stopper.cancel()
 
 
-def _progress_bar(source: Source, enabled: bool):  # noqa: ANN202
+def _progress_bar(source: Source, enabled: bool) -> Any:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -318,7 +357,7 @@ def _progress_bar(source: Source, enabled: bool):  # noqa: ANN202
                 bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s [{elapsed}<{remaining}{postfix}]", leave=False)
 
 
-def _advance(bar, ts: float, started: float) -> None:  # noqa: ANN001
+def _advance(bar: Any, ts: float, started: float) -> None:
     if bar.total is None:
         bar.update(1)
         return

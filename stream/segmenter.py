@@ -8,7 +8,8 @@ its last frame, clipped to the end of the video, so ranges are ordered, non-over
 Static check (after STC's feature cache, related-work-abstracts.txt): a segment whose frames all look like the
 keyframe of the segment last stored (mean absolute difference of small grey thumbnails below a threshold) is not
 encoded again; the stored one is extended in time. The reference stays the stored segment, so slow drift adds up
-and is eventually stored.
+and is eventually stored; and after `max_seconds` of extension a fresh segment is stored anyway, so a still
+camera keeps recent evidence (and time granularity) in the memory.
 """
 from __future__ import annotations
 
@@ -88,14 +89,18 @@ class StaticCheck:
     """Says whether each new segment repeats the last stored one."""
 
     threshold: float = 3.0  # mean |grey difference| (0..255) under which two frames count as the same picture
+    max_seconds: float = 300.0  # a stored segment is extended over at most this long; then a fresh one is stored
     _reference: np.ndarray | None = None  # grey thumbnail of the stored segment's keyframe
+    _since: float = 0.0  # start (seconds) of the stored segment
 
     def repeats(self, segment: Segment) -> bool:
         """True when `segment` repeats the reference (it is then not stored); otherwise it becomes the reference."""
         thumbs = [grey_thumbnail(f.image) for f in segment.frames]
         ref = self._reference
-        if ref is not None and not segment.cut and "gap_before" not in segment.extra:
+        fresh = segment.cut or "gap_before" in segment.extra or segment.end - self._since > self.max_seconds
+        if ref is not None and not fresh:
             if all(float(np.abs(t - ref).mean()) < self.threshold for t in thumbs):
                 return True
         self._reference = thumbs[0]
+        self._since = segment.start
         return False

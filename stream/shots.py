@@ -57,7 +57,8 @@ def thumbnail(image: np.ndarray, width: int = THUMB_WIDTH) -> np.ndarray:
     """(H, W, 3) RGB uint8 -> (h, width, 3) HSV uint8, the representation content scores compare."""
     h, w = image.shape[:2]
     if w > width:
-        image = cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+        # Bilinear, not area averaging: 10x cheaper, and the cuts found on the test videos are the same.
+        image = cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_LINEAR)
     return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
 
 

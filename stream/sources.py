@@ -191,18 +191,22 @@ class _LiveSource(Source):
         container = self._open()  # the first connection failing is an error: nothing to reconnect to
         failures = 0
         last_ts: float | None = None
+        gap_start: float | None = None  # set while a lost stretch awaits its first frame after reconnecting
         while not self._stop.is_set():
             recorded = self._recorded(container)
             if recorded:
                 self.live = False
-                self.duration = decode.stream_duration(container, container.streams.video[0],
-                                                       decode.stream_clock(container, container.streams.video[0]).origin)
+                stream = container.streams.video[0]
+                self.duration = decode.stream_duration(container, stream, decode.stream_clock(container, stream).origin)
             error: SourceError | None = None
             try:
-                for frame in self._decode_connection(container, recorded):
+                for frame in self._decode_connection(container, recorded, not_before=last_ts):
                     if self._stop.is_set():
                         return
                     failures = 0
+                    if gap_start is not None:
+                        self._send((gap_start, frame.ts))  # in order with the frames: the consumer records it
+                        gap_start = None
                     last_ts = frame.ts
                     if recorded:  # a recording waits for the consumer instead of dropping
                         while not self._slots.acquire(timeout=0.2):
@@ -217,12 +221,14 @@ class _LiveSource(Source):
                 if error is not None:
                     raise error
                 return
-            # A live stream ended or failed: record the gap and reconnect with exponential backoff.
-            gap_start = last_ts if last_ts is not None else time.time()
+            # A live stream ended or failed: reconnect with exponential backoff; the gap is recorded when
+            # frames flow again (or when giving up).
+            if gap_start is None:
+                gap_start = last_ts if last_ts is not None else time.time()
             logger.warning("%s: %s; reconnecting", self.name, error or "stream ended")
             while not self._stop.is_set():
                 if failures >= self._max_reconnects:
-                    self.gaps.append((gap_start, time.time()))
+                    self._send((gap_start, max(gap_start, time.time())))
                     raise SourceError(f"Video source {self.name} was lost and {failures} reconnection attempts "
                                       f"failed.") from error
                 delay = min(self._max_backoff, self._backoff * 2 ** failures)
@@ -235,13 +241,15 @@ class _LiveSource(Source):
                     logger.warning("%s: reconnection %d failed: %s", self.name, failures, exc)
                     continue
                 self.reconnects += 1
-                gap = (gap_start, time.time())
-                self.gaps.append(gap)
-                self._send(gap)
                 break
 
-    def _decode_connection(self, container: av.container.InputContainer, recorded: bool) -> Iterator[Frame]:
-        """One connection's frames; live timestamps are unix seconds anchored at its first frame."""
+    def _decode_connection(self, container: av.container.InputContainer, recorded: bool, *,
+                           not_before: float | None = None) -> Iterator[Frame]:
+        """One connection's frames; live timestamps are unix seconds anchored at its first frame.
+
+        A feed may burst ahead of the wall clock (HLS delivers whole segments); the next connection's first
+        frame is then placed just after `not_before`, the last frame delivered, so time never runs backwards.
+        """
         if recorded:
             yield from decode.decode_frames(container, name=self.name, max_side=self.max_side)
             return
@@ -250,7 +258,8 @@ class _LiveSource(Source):
         anchor: float | None = None
         for frame in decode.decode_frames(container, name=self.name, clock=clock, max_side=self.max_side):
             if anchor is None:
-                anchor = time.time() - frame.ts
+                now = time.time() if not_before is None else max(time.time(), not_before + clock.frame_duration)
+                anchor = now - frame.ts
             yield Frame(ts=anchor + frame.ts, image=frame.image)
 
     async def frames(self) -> AsyncIterator[Frame]:
@@ -270,7 +279,8 @@ class _LiveSource(Source):
                 if not self.live:
                     self._slots.release()
                 yield item
-            # a gap tuple: already recorded in self.gaps; the ingest loop reads it from there
+            elif isinstance(item, tuple):
+                self.gaps.append(item)  # seen here, between the frames before and after it
 
     async def aclose(self) -> None:
         self._stop.set()
@@ -313,7 +323,8 @@ class UrlSource(_LiveSource):
 
     def _recorded(self, container: av.container.InputContainer) -> bool:
         scheme = urlsplit(self.url).scheme.lower()
-        return scheme in ("http", "https") and container.duration is not None and container.format.name != "hls"
+        # A declared duration means a recording (a file over HTTP, a finished HLS playlist); live feeds have none.
+        return scheme in ("http", "https") and container.duration is not None
 
 
 class CameraSource(_LiveSource):

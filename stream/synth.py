@@ -13,19 +13,20 @@ import numpy as np
 
 def write_video(path: str | os.PathLike[str], frames: Iterable[np.ndarray], *, fps: float = 25.0,
                 timestamps: Sequence[float] | None = None, rotation: int = 0, codec: str = "libx264",
-                audio_seconds: float = 0.0, faststart: bool = False) -> None:
+                audio_seconds: float = 0.0, faststart: bool = False, pix_fmt: str = "yuv420p") -> None:
     """Encode (H, W, 3) uint8 RGB frames to `path`.
 
     `timestamps`: seconds per frame (variable frame rate; stored with a 1/90000 time base), else every
     1/fps. `rotation`: counter-clockwise display rotation in degrees, written as display-matrix side data.
     `audio_seconds`: add a silent AAC track of that length (players start at the earliest stream).
     `faststart`: put the MP4 index first (as web video does), so a truncated copy still opens.
+    `pix_fmt`: the stored pixel format (yuv444p, yuvj422p for mjpeg, gray for ffv1...).
     """
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(os.fspath(path), mode="w", options=options) as container:
         rate = Fraction(fps).limit_denominator(1001)
         stream = container.add_stream(codec, rate=rate)
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "crf": "23", "bf": "0"}
         if timestamps is not None:

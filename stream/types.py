@@ -14,7 +14,7 @@ class Frame:
 
     ts: float  # presentation time in seconds (from the file's start; unix seconds for live sources)
     image: np.ndarray  # (H, W, 3) uint8 RGB, rotation already applied
-    score: float = 0.0  # shot-boundary score of this frame against the previous sampled one (AVS)
+    score: float = 0.0  # AVS 3.2.1 shot-boundary score: the largest content change (0..255) since the last sample
 
 
 @dataclass

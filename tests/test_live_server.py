@@ -317,7 +317,8 @@ def test_events_and_segment_hooks_reach_the_streams_clients(live, frames):
                 await next_of(ws, "ack")
             await send_frames(one, frames[:8], base, gap=0.15)
             await ack_with(one, 8)
-            sent_to = live.thread.run(live.server.publish_event, "door", {
+            # from another thread and loop, as an MQTT monitor might: handed over to the server's loop
+            sent_to = live.server.publish_event("door", {
                 "type": "new", "event": {"id": "e1", "stream": "door", "rule": "person at the door", "score": 0.9}})
             got = [await next_of(ws, "event") for ws in (one, two)]
             await other.send(frames[0][1])

@@ -43,7 +43,8 @@ def test_a_directory_is_not_a_video(tmp_path: Path):
         open_source(tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"this is a text file, not a video\n" * 40, bytes(range(256)) * 64])
+@pytest.mark.parametrize("content", [b"this is a text file, not a video\n" * 40, bytes(range(256)) * 64],
+                         ids=["text", "binary"])
 def test_non_video_file(tmp_path: Path, content: bytes):
     path = tmp_path / "notes.mp4"
     path.write_bytes(content)
@@ -225,16 +226,30 @@ def test_a_recorded_http_video_that_stalls_midway_ends_with_the_completed_segmen
 
 
 def test_a_live_stream_that_drops_is_reconnected_and_the_gap_recorded(live_ts: bytes):
-    plan = [("close", len(live_ts) // 2)]  # the first connection hangs up half way; the second plays through
-    with _VideoServer(live_ts, content_length=False, plan=plan) as server:
+    # The first connection hangs up half way; later ones play through (a live feed never ends by itself).
+    plan = [("close", len(live_ts) // 2)]
+    sink = RecordingSink()
+
+    async def run():
         source = open_source(server.url, open_timeout=3, read_timeout=3)
-        report, sink = run_ingest(source, static_threshold=0)
+        stop = asyncio.Event()
+        task = asyncio.create_task(ingest(source, sink, stream="cam", options=IngestOptions(static_threshold=0),
+                                          stop=stop))
+        while not any("gap_before" in s.extra for s in sink.segments) and not task.done():
+            await asyncio.sleep(0.05)
+        stop.set()  # what SIGINT does
+        return await asyncio.wait_for(task, 20), source
+
+    with _VideoServer(live_ts, content_length=False, plan=plan) as server:
+        report, source = asyncio.run(run())
     assert source.live and server.connections >= 2
-    assert len(report.gaps) >= 1
+    assert report.stopped and len(report.gaps) >= 1
     gap_start, gap_end = report.gaps[0]
     assert gap_end >= gap_start
     after = [s for s in sink.segments if "gap_before" in s.extra]
     assert after and after[0].start >= gap_end - 1.0
+    before = [s for s in sink.segments if s.end <= gap_start + 1e-6]
+    assert before and before[-1].end == pytest.approx(gap_start, abs=1.0)  # the segment cut off by the loss is kept
     assert all(a1 <= b0 for (_, a1), (b0, _) in zip(sink.ranges, sink.ranges[1:]))  # still ordered
     assert abs(sink.ranges[0][0] - time.time()) < 120  # live timestamps are unix seconds
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,73 @@ def test_file_source_is_checked_on_open(tmp_path: Path):
     assert not source.live and source.duration == pytest.approx(1.0, abs=0.01)
     asyncio.run(source.aclose())
     asyncio.run(source.aclose())  # twice is fine
+
+
+@pytest.mark.parametrize(("codec", "pix_fmt", "suffix", "size"), [
+    ("libx264", "yuv444p", ".mp4", (61, 97)),  # odd width and height
+    ("mjpeg", "yuvj422p", ".avi", (64, 96)),
+    ("ffv1", "gray", ".mkv", (64, 96)),
+])
+def test_odd_pixel_formats_and_sizes_decode_to_rgb(tmp_path: Path, codec, pix_fmt, suffix, size):
+    h, w = size
+    frames = [np.full((h, w, 3), v, dtype=np.uint8) for v in (30, 128, 220)]
+    path = tmp_path / f"odd{suffix}"
+    write_video(path, frames, fps=2, codec=codec, pix_fmt=pix_fmt)
+
+    async def read():
+        source = open_source(path)
+        out = [f async for f in source.frames()]
+        await source.aclose()
+        return out
+
+    out = asyncio.run(read())
+    assert [f.image.shape for f in out] == [(h, w, 3)] * 3
+    assert [f.ts for f in out] == pytest.approx([0.0, 0.5, 1.0])
+    assert [round(float(f.image.mean()) / 10) for f in out] == [3, 13, 22]
+
+
+def test_timestamps_that_go_back_keep_increasing(tmp_path: Path):
+    # Two MPEG-TS recordings joined byte for byte (`cat a.ts b.ts`): the clock restarts half way.
+    parts = []
+    for seed in (1, 2):
+        part = tmp_path / f"part{seed}.ts"
+        write_video(part, busy_scene(30, fps=10, seed=seed), fps=10)
+        parts.append(part.read_bytes())
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(parts))
+    report, sink = run_ingest(open_source(joined), static_threshold=0)
+    times = [f.ts for s in sink.segments for f in s.frames]
+    assert all(b > a for a, b in zip(times, times[1:]))
+    assert report.decoded_frames == 60
+    assert report.video_seconds == pytest.approx(6.0, abs=0.15)
+
+
+def test_frame_budget_picks_the_most_informative_frames(videos):
+    entry = videos["bikes.mp4"]
+    report, sink = run_ingest(open_source(entry["file"]), frame_budget=8, static_threshold=0)
+    times = [f.ts for s in sink.segments for f in s.frames]
+    assert len(times) == 8 and times == sorted(times) and times[0] == 0.0
+    cut_times = [i / entry["probe"]["avg_fps"] for i in entry["expected_cuts"]]
+    for cut in cut_times:  # every shot's first frame is among them (AVS eq. 5 on NMS'd boundary scores)
+        assert any(abs(t - cut) <= 1 / 25 + 1e-6 for t in times)
+    assert all(s.cut for s in sink.segments[1:])  # each shot starts a segment
+    assert report.video_seconds == pytest.approx(10.0, abs=0.05)
+    assert report.decoded_frames == entry["probe"]["decoded_frames"]
+
+
+def test_frame_budget_needs_a_file():
+    from vidmem.errors import ConfigError
+    from vidmem.stream import PushSource
+
+    with pytest.raises(ConfigError, match="frame_budget"):
+        run_ingest(PushSource("cam"), frame_budget=4)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="V4L2 device paths are Linux's")
+def test_a_missing_camera_is_a_source_error():
+    from vidmem.errors import SourceError
+
+    with pytest.raises(SourceError, match="Camera not found"):
+        open_source("/dev/video97")
+    with pytest.raises(SourceError, match="Camera not found"):
+        open_source("camera:97")

@@ -192,3 +192,10 @@ def test_static_check_ignores_sensor_noise_but_not_a_moving_object():
     assert check.repeats(Segment("s", [Frame(1, noisy[1])], end=2))
     assert not check.repeats(Segment("s", [Frame(2, moved)], end=3))
     assert math.isfinite(check.threshold)
+
+
+def test_static_check_stores_a_fresh_segment_after_max_seconds():
+    check = StaticCheck(threshold=3.0, max_seconds=10.0)
+    kinds = [check.repeats(Segment("s", [_frame(t, 100)], end=t + 4)) for t in range(0, 40, 4)]
+    # Stored at 0; reused while the stored one would cover <= 10 s; stored afresh at 8, 16, ...
+    assert kinds == [False, True, False, True, False, True, False, True, False, True]

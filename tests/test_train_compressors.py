@@ -158,3 +158,15 @@ def test_bad_training_data_is_a_clear_error(tmp_path, videos):
     with pytest.raises(ConfigError, match="objective must be one of"):
         TrainOptions(data=data, output=tmp_path / "x", objective="dance").validate()
     assert TrainOptions(data=data, output=tmp_path / "x", objective="reconstruct").validate().objective == "reconstruction"
+
+
+def test_training_frames_are_sampled_by_presentation_time(videos):
+    from vidmem.compressors.train import decode_frames
+
+    bikes = videos["bikes.mp4"]  # 10 s at 25 fps, 640x272
+    assert len(decode_frames(bikes["file"], fps=1.0)) == 10
+    assert len(decode_frames(bikes["file"], fps=2.0)) == 20
+    few = decode_frames(bikes["file"], fps=2.0, max_frames=3)  # evenly spaced over the whole video
+    assert len(few) == 3 and few[0].shape == (272, 640, 3)
+    big = decode_frames(videos["counter.mp4"]["file"], fps=1.0)  # 1920x1080 is scaled to fit 768 px
+    assert big[0].shape == (432, 768, 3)

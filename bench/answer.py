@@ -1,0 +1,384 @@
+"""Answering cost: prefill tokens and time to first token, vidmem's budget versus LLaVA-OneVision's native path.
+
+    python bench/answer.py [--quick] [--device cpu|cuda] [--layers N] [--decode-tokens N]
+
+Full mode builds LLaVA-OneVision 0.5B's architecture in memory with random weights (timing does not depend on
+them; nothing is downloaded): the Qwen2-0.5B language model, its 151,936-token embeddings and lm_head and the
+1152 -> 896 projector are full size; the SigLIP-so400m tower keeps its width but only one of its 27 layers, because
+the answer path reads stored tokens and never runs it (the native path's tower time is scaled up from that layer).
+Synthetic memories of 10 minutes and 1 hour (150 and 900 segments of 245 tokens at D = 1152, random 512-wide
+retrieval embeddings) are written through `vidmem.memory.Memory`, plus a live stream. Measured:
+- vidmem at budget 6000 per footage length: prefill tokens, time to first token cold, and for a follow-up
+  question on the kept KV cache (only the question is prefilled);
+- the native path (196 tokens per frame): at 1 fps 117,600 / 705,600 visual tokens, beyond the 32k context, so it
+  is marked infeasible and its time to first token is an ESTIMATE from this run's measured prefills
+  (t = a*S + b*S^2, least squares); and measured at LLaVA-OneVision's usual 32 uniform frames (6,273 tokens);
+- a live question with the warm kept window (`Vidmem.refresh_live` then `ask(..., live=True)`) versus cold, and
+  the time to extend the window by one new segment;
+- decode speed (ms per generated token) of the answerer's decode loop against the previous loop, side by side.
+Times to first token are the wall time of `ask` with one new token (selection included) and the answerer's own
+`ttft_seconds` (selection excluded). `--quick` uses the tests' tiny checkpoints and small memories.
+Prints one JSON line; progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    clip512_checkpoint, emit, full_size_vlm, logger, machine_info, timed, tiny_checkpoints, unit_rows,
+)
+
+from vidmem.agents.app import Settings, Vidmem  # noqa: E402
+from vidmem.agents.native import NATIVE_TOKENS_PER_FRAME, native_answer, native_tokens, native_visual_embeds  # noqa: E402
+from vidmem.memory import Manifest  # noqa: E402
+
+log = logger("answer")
+
+SEGMENT_SECONDS = 4.0  # 4 sampled frames at 1 fps per segment
+SEGMENT_TOKENS = 245  # 196 keyframe + 49 TimePerceiver tokens (DESIGN.md "Token math")
+SLOW_TOKENS = 196
+BUDGET = 6000  # Clapper's evaluation bound, vidmem's default
+NATIVE_FRAMES = 32  # LLaVA-OneVision's usual uniform frame count for video
+QUESTIONS = (
+    "What happened at the front door, and when did the package arrive?",
+    "Who picked the box up afterwards?",
+    "Is anyone at the door right now?",
+    "And what is the cat doing now?",
+)
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+def build_app(args: argparse.Namespace, work: Path) -> Vidmem:
+    """A Vidmem over an empty memory in `work`, with the VLM and embedder already loaded."""
+    if args.quick:
+        tiny = tiny_checkpoints(work / "models")
+        settings = Settings(memory=work / "memory", model=str(tiny["llava"]), embedder=str(tiny["clip"]),
+                            device=args.device)
+        app = Vidmem(settings)
+        app.vlm  # noqa: B018 - loads through load_vlm, the real path
+    else:
+        clip = clip512_checkpoint(work / "clip512")
+        app = Vidmem(Settings(memory=work / "memory", embedder=str(clip), device=args.device))
+        log(f"building LLaVA-OneVision 0.5B's architecture with random weights ({args.layers} text layers)")
+        app._vlm = full_size_vlm(device=args.device, vision_layers=1, text_layers=args.layers)  # in memory, not saved
+    vlm, embedder = app.vlm, app.embedder
+    app.memory.bind(Manifest(encoder=vlm.encoder.fingerprint, encoder_name=vlm.name, compressor="timeperceiver",
+                             dim=vlm.encoder.dim, embedder=embedder.name, embed_dim=embedder.dim))
+    return app
+
+
+def fill(app: Vidmem, stream: str, segments: int, *, start: float, rng: np.random.Generator,
+         pool: list[np.ndarray]) -> None:
+    """Write `segments` synthetic 4-second segments of 245 stored tokens into `stream`."""
+    dim = app.embedder.dim
+    for first in range(0, segments, 100):
+        count = min(100, segments - first)
+        embeddings = unit_rows(rng, count, dim)
+        app.memory.add_segments([
+            dict(stream=stream, start=start + (first + i) * SEGMENT_SECONDS, end=start + (first + i + 1) * SEGMENT_SECONDS,
+                 frames=4, cut=(first + i) % 10 == 0, tokens=pool[(first + i) % len(pool)], slow=SLOW_TOKENS,
+                 embedding=embeddings[i])
+            for i in range(count)
+        ])
+
+
+def token_pool(dim: int, rng: np.random.Generator, size: int = 8) -> list[np.ndarray]:
+    """A few random (245, D) float16 token blocks, reused across segments (their values do not change timing)."""
+    return [(rng.standard_normal((SEGMENT_TOKENS, dim)) * 0.5).astype(np.float16) for _ in range(size)]
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def measure(fn, *, note: str) -> dict:
+    """Wall time of one answer call plus the Answer's own figures."""
+    gc.collect()
+    started = time.perf_counter()
+    answer = fn()
+    wall = time.perf_counter() - started
+    figures = {
+        "ask_to_first_token_seconds": round(wall, 4),
+        "ttft_seconds": round(answer.ttft_seconds, 4),
+        "prefill_tokens": answer.prefill_tokens,
+        "cached_tokens": answer.cached_tokens,
+        "visual_tokens": answer.visual_tokens,
+        "segments": len(answer.picks),
+    }
+    log(f"  {note}: {figures}")
+    return figures
+
+
+def fit_prefill(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(a, b) of t = a*S + b*S^2 by least squares over measured cold prefills (b >= 0)."""
+    s = np.array([p[0] for p in points], dtype=np.float64)
+    t = np.array([p[1] for p in points], dtype=np.float64)
+    if len(points) >= 2 and len(set(s.tolist())) >= 2:
+        (a, b), *_ = np.linalg.lstsq(np.stack([s, s * s], axis=1), t, rcond=None)
+        if a > 0 and b >= 0:
+            return float(a), float(b)
+    return float(np.sum(t) / np.sum(s)), 0.0  # linear through the origin: a lower bound
+
+
+def footage(app: Vidmem, stream: str, seconds: float, *, cold_points: list) -> dict:
+    """vidmem cold and follow-up on one stream; the native path's tokens for the same footage."""
+    answerer = app.answerer
+    answerer.kept = None
+    cold = measure(lambda: app.ask(QUESTIONS[0], streams=[stream], budget=BUDGET), note=f"{stream} cold")
+    cold_points.append((cold["prefill_tokens"], cold["ttft_seconds"]))
+    warm = measure(lambda: app.ask(QUESTIONS[1], streams=[stream], budget=BUDGET, follow_up=True),
+                   note=f"{stream} follow-up")
+    frames = int(seconds)  # 1 fps
+    head = answerer._ids(answerer.head_text).shape[0]
+    tail = answerer._ids(answerer.tail_template.replace("{question}", QUESTIONS[0])).shape[0]
+    native_visual = native_tokens(frames)
+    prompt_text = head + native_visual + tail
+    return {
+        "video_seconds": seconds,
+        "frames_1fps": frames,
+        "segments": len(app.memory.segments(stream=stream)),
+        "vidmem": {"cold": cold, "follow_up": warm,
+                   "follow_up_speedup": round(cold["ttft_seconds"] / max(warm["ttft_seconds"], 1e-9), 2)},
+        "native": {"visual_tokens": native_visual, "prefill_tokens": prompt_text,
+                   "context_length": app.vlm.context_length, "feasible": prompt_text <= app.vlm.context_length},
+        "token_ratio": round(prompt_text / cold["prefill_tokens"], 1),
+    }
+
+
+def native_uniform(app: Vidmem, rng: np.random.Generator, *, tower_layers: int, full_layers: int) -> dict:
+    """LLaVA-OneVision's stock video path at 32 uniform frames (6,273 visual tokens), measured."""
+    answerer = app.answerer
+    frames = [rng.integers(0, 255, (384, 384, 3), dtype=np.uint8) for _ in range(NATIVE_FRAMES)]
+    vision = time.perf_counter()
+    native_visual_embeds(app.vlm, frames)
+    vision = time.perf_counter() - vision
+    figures = measure(lambda: native_answer(answerer, frames, QUESTIONS[0]), note=f"native {NATIVE_FRAMES} frames")
+    figures["frames"] = NATIVE_FRAMES
+    figures["vision_seconds_measured"] = round(vision, 4)
+    figures["vision_tower_layers_run"] = tower_layers
+    scale = full_layers / tower_layers
+    figures["vision_seconds_estimate_full_tower"] = round(vision * scale, 3)  # ESTIMATE: per-layer time x 27
+    figures["prefill_seconds"] = round(max(figures["ttft_seconds"] - vision, 1e-6), 4)
+    return figures
+
+
+def live(app: Vidmem, rng: np.random.Generator, pool: list[np.ndarray], segments: int) -> dict:
+    """A question about now on a live stream: the warm kept window versus building it cold."""
+    now = time.time()
+    stream = "live"
+    fill(app, stream, segments, start=now - segments * SEGMENT_SECONDS, rng=rng, pool=pool)
+    # Retrieve by the newest segment's own embedding so nothing older outranks the window: a question about now.
+    last = app.memory.last_segment(stream)
+    query = unit_rows(rng, 1, app.embedder.dim)[0]
+    app.memory.add_segment(stream=stream, start=last.end, end=last.end + SEGMENT_SECONDS, frames=4, cut=False,
+                           tokens=pool[0], slow=SLOW_TOKENS, embedding=query)
+    app.live.clear()
+    cold = measure(lambda: app.ask(QUESTIONS[2], streams=[stream], live=True, query=query), note="live cold")
+    cold["prefill_tokens"] += cold["cached_tokens"]  # the window was prefilled inside this ask (refresh_live)
+    cold["cached_tokens"] = 0
+    app.refresh_live(stream)  # what the ingest side does after each committed segment
+    kept = app.live[stream]
+    warm = measure(lambda: app.ask(QUESTIONS[3], streams=[stream], live=True, query=query), note="live warm")
+    # a new segment arrives: the ingest side extends the kept window (prefilling only it), then a question
+    last = app.memory.last_segment(stream)
+    app.memory.add_segment(stream=stream, start=last.end, end=last.end + SEGMENT_SECONDS, frames=4, cut=False,
+                           tokens=pool[1], slow=SLOW_TOKENS, embedding=query)
+    extend = time.perf_counter()
+    app.refresh_live(stream)
+    extend = time.perf_counter() - extend
+    after = measure(lambda: app.ask(QUESTIONS[3], streams=[stream], live=True, query=query), note="live after extend")
+    return {
+        "window_segments": len(kept.picks),
+        "window_tokens": kept.length,
+        "cold": cold,
+        "warm": warm,
+        "warm_after_new_segment": after,
+        "extend_one_segment_seconds": round(extend, 4),
+        "warm_speedup": round(cold["ask_to_first_token_seconds"] / max(warm["ask_to_first_token_seconds"], 1e-9), 2),
+    }
+
+
+@torch.inference_mode()
+def legacy_decode(self, logits, cache, started, on_token):
+    """agents/answer.py's decode loop before the bench's optimisation, verbatim, to time both in one run."""
+    tokenizer = self.vlm.tokenizer
+    ids: list[int] = []
+    emitted = ""
+    ttft = 0.0
+    banned = self.banned.to(logits.device)
+    for step in range(self.max_new_tokens):
+        logits[:, banned] = float("-inf")
+        if step < self.min_new_tokens:
+            logits[:, self.stop_tensor.to(logits.device)] = float("-inf")
+        if self.repetition_penalty != 1.0 and ids:
+            seen = torch.tensor(sorted(set(ids)), device=logits.device)
+            scores = logits[:, seen]
+            logits[:, seen] = torch.where(scores > 0, scores / self.repetition_penalty, scores * self.repetition_penalty)
+        next_id = int(logits.argmax(dim=-1)[0])
+        if step == 0:
+            ttft = time.perf_counter() - started
+        if next_id in self.stop_ids:
+            break
+        ids.append(next_id)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(emitted):
+            if on_token is not None:
+                on_token(text[len(emitted) :])
+            emitted = text
+        if step + 1 < self.max_new_tokens:
+            logits = self._forward(self.vlm.embed_ids(torch.tensor([next_id], device=self.vlm.device)), cache)
+    final = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return final, ttft
+
+
+def clone_cache(cache, cache_class):
+    """A copy of `cache`'s keys and values in a new cache of `cache_class` (no recomputation)."""
+    clone = cache_class()
+    for index, layer in enumerate(cache.layers):
+        clone.update(layer.keys.clone(), layer.values.clone(), index)
+    return clone
+
+
+def decode_speed(app: Vidmem, tokens: int, repeats: int) -> dict:
+    """ms per generated token on the kept evidence of the last question: the current loop versus the old one.
+
+    old: DynamicCache (torch.cat of the whole cache at every token) and the previous loop; new: the answerer's
+    ReservedCache and loop. Both continue from copies of the same kept prefix, alternating, best of `repeats`.
+    """
+    from transformers import DynamicCache
+
+    answerer = app.answerer
+    kept = answerer.kept
+    saved = answerer.min_new_tokens, answerer.max_new_tokens, kept.cache
+    answerer.max_new_tokens = tokens
+    answerer.min_new_tokens = tokens  # never stop early, so both loops generate the same number of tokens
+    paths = {
+        "old": (DynamicCache, legacy_decode.__get__(answerer)),
+        "new": (answerer.cache_class, type(answerer)._decode.__get__(answerer)),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for _ in range(repeats):
+            for name, (cache_class, loop) in paths.items():
+                kept.cache = clone_cache(saved[2], cache_class)
+                answerer._decode = loop
+                answer = app.ask(QUESTIONS[1], follow_up=True)
+                runs[name].append((answer.seconds - answer.ttft_seconds) / max(tokens - 1, 1))
+    finally:
+        if "_decode" in vars(answerer):
+            del answerer._decode
+        answerer.min_new_tokens, answerer.max_new_tokens, kept.cache = saved
+    out = {name: {"ms_per_token": round(1000 * min(times), 2)} for name, times in runs.items()}
+    out["context_tokens"] = kept.length
+    out["tokens"] = tokens
+    out["speedup"] = round(out["old"]["ms_per_token"] / max(out["new"]["ms_per_token"], 1e-9), 2)
+    log(f"  decode: {out}")
+    return out
+
+
+def prefill_threads(app: Vidmem, stream: str, segments: int) -> dict:
+    """Prefill seconds of the same evidence with OpenMP left at one thread by a FAISS search (the old memory
+    search) versus the threads restored (the fix in memory/index.py): torch and FAISS share the OpenMP runtime."""
+    import faiss
+
+    from vidmem.agents.select import Level, Pick
+
+    picks = [Pick(row, Level.FULL, 0.0, "bench") for row in app.memory.segments(stream=stream)[:segments]]
+    answerer = app.answerer
+    threads = torch.get_num_threads()
+    out = {}
+    for name, count in (("one_thread_old", 1), ("restored_new", threads)):
+        faiss.omp_set_num_threads(count)
+        seconds, kept = timed(lambda: answerer.prefill(picks, app.memory.read_tokens))
+        out[name] = round(seconds, 4)
+    faiss.omp_set_num_threads(threads)
+    out["tokens"] = kept.length
+    out["threads"] = threads
+    out["speedup"] = round(out["one_thread_old"] / max(out["restored_new"], 1e-9), 2)
+    log(f"  prefill threads: {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> dict:
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="vidmem-bench-answer-") as tmp:
+        work = Path(tmp)
+        app = build_app(args, work)
+        try:
+            vlm = app.vlm
+            answerer = app.answerer
+            answerer.max_new_tokens = 1  # an ask returns right after its first token: its wall time is the TTFT
+            pool = token_pool(vlm.encoder.dim, rng)
+            lengths = {"ten_minutes": 600.0, "one_hour": 3600.0} if not args.quick else {"ten_minutes": 600.0}
+            if args.quick:
+                lengths = {"short": 80.0, "long": 240.0}
+            for name, seconds in lengths.items():
+                log(f"writing {name}: {int(seconds / SEGMENT_SECONDS)} segments")
+                fill(app, name.replace("_", "-"), int(seconds / SEGMENT_SECONDS), start=0.0, rng=rng, pool=pool)
+            # warm-up: the first forward pass allocates and picks kernels; keep it out of every figure
+            app.ask("warm up", streams=[next(iter(lengths)).replace("_", "-")], budget=300)
+            cold_points: list[tuple[int, float]] = []
+            result: dict = {"bench": "answer", "quick": args.quick, "device": str(vlm.device),
+                            "dtype": str(vlm.dtype).replace("torch.", ""), "budget": BUDGET,
+                            "model": vlm.name, "text_layers": args.layers if not args.quick else None,
+                            "native_tokens_per_frame": NATIVE_TOKENS_PER_FRAME, "footage": {}}
+            for name, seconds in lengths.items():
+                log(f"footage {name}")
+                result["footage"][name] = footage(app, name.replace("_", "-"), seconds, cold_points=cold_points)
+            log("native path, 32 uniform frames")
+            layers = vlm.model.config.vision_config.num_hidden_layers
+            native = native_uniform(app, rng, tower_layers=layers, full_layers=layers if args.quick else 27)
+            cold_points.append((native["prefill_tokens"], native["prefill_seconds"]))
+            result["native_uniform"] = native
+            log("live stream")
+            result["live"] = live(app, rng, pool, segments=24)
+            cold_points.append((result["live"]["cold"]["prefill_tokens"], result["live"]["cold"]["ttft_seconds"]))
+            a, b = fit_prefill(cold_points)
+            result["prefill_fit"] = {"a_seconds_per_token": a, "b_seconds_per_token2": b, "points": cold_points}
+            per_frame_vision = native["vision_seconds_estimate_full_tower"] / NATIVE_FRAMES
+            for figures in result["footage"].values():
+                s = figures["native"]["prefill_tokens"]
+                figures["native"]["ttft_estimate_seconds"] = round(a * s + b * s * s, 1)  # ESTIMATE, not measured
+                figures["native"]["ttft_estimate_linear_seconds"] = round(a * s, 1)  # lower bound
+                figures["native"]["vision_estimate_seconds"] = round(per_frame_vision * figures["frames_1fps"], 1)
+                figures["native"]["estimate_note"] = (
+                    "estimated from this run's measured prefills (t = a*S + b*S^2); infeasible beyond the context"
+                )
+            log("prefill after a FAISS search: one OpenMP thread (old) versus restored (new)")
+            result["prefill_threads"] = prefill_threads(app, next(iter(lengths)).replace("_", "-"), 4)
+            log("decode loop, old versus new")
+            # continues from the kept evidence of the longest footage's follow-up (live questions do not replace it)
+            result["decode"] = decode_speed(app, args.decode_tokens, repeats=2 if args.quick else 3)
+            result["machine"] = machine_info()
+            return result
+        finally:
+            app.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny checkpoints, small memories (under a minute)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--layers", type=int, default=24, help="text decoder layers to build (24 = full size)")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="tokens generated per decode timing")
+    args = parser.parse_args()
+    if args.decode_tokens is None:
+        args.decode_tokens = 8 if args.quick else 16
+    emit(run(args))
+
+
+if __name__ == "__main__":
+    main()
