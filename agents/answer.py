@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,7 +25,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from vidmem.agents.select import Level, Pick
-from vidmem.compressors.base import pool_grid
+from vidmem.compressors.base import TokenBlock, pool_grid
+from vidmem.compressors.stc import prune as prune_block
 from vidmem.errors import BudgetError
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,10 @@ class KeptPrefix:
 class Answerer:
     """Turns picks and a question into a streamed answer with one VLM; one question at a time (a lock)."""
 
-    def __init__(self, vlm, *, max_new_tokens: int = 256, system: str = SYSTEM_PROMPT) -> None:
+    def __init__(self, vlm, *, max_new_tokens: int = 256, system: str = SYSTEM_PROMPT, prune: float = 1.0) -> None:
         self.vlm = vlm
         self.max_new_tokens = max_new_tokens
+        self.prune = prune  # share of each segment's tokens shown to the model (STC pruner); 1 shows all
         self.system = system
         self.lock = threading.RLock()
         self.kept: KeptPrefix | None = None
@@ -208,15 +210,32 @@ class Answerer:
     def _text_embeds(self, text: str) -> torch.Tensor:
         return self.vlm.embed_ids(self._ids(text))  # (S, H)
 
-    def evidence_embeds(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> torch.Tensor:
-        """(S, H) embeddings of the timestamped evidence, in the order given."""
-        parts = []
+    def evidence(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> tuple[torch.Tensor, list[Pick]]:
+        """(S, H) embeddings of the timestamped evidence, in the order given, and the picks as shown.
+
+        With `prune` below 1, STC's pruner keeps that share of each segment's tokens, the most salient ones and
+        those that differ from the segment before it (related-work-abstracts.txt, STC); the picks then carry
+        the counts actually shown.
+        """
+        parts, shown, previous = [], [], None
         for pick in picks:
             parts.append(self._text_embeds(render_span(pick.row.start, pick.row.end)))
             visual = tokens_at_level(read_tokens(pick.row), pick)
+            if self.prune < 1.0 and visual.shape[0] > 1:
+                keep = max(1, int(visual.shape[0] * self.prune))  # floored, so the total stays within the budget
+                slow = min(pick.row.slow or visual.shape[0], visual.shape[0])
+                pruned = prune_block(TokenBlock(visual, slow=slow), keep=keep, previous=previous)
+                previous = visual
+                visual = pruned.tokens
+                pick = replace(pick, keep=int(visual.shape[0]))
             parts.append(self.vlm.project(visual))
+            shown.append(pick)
         parts.append(self._text_embeds("\n"))
-        return torch.cat(parts)
+        return torch.cat(parts), shown
+
+    def evidence_embeds(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> torch.Tensor:
+        """(S, H) embeddings of the timestamped evidence, in the order given."""
+        return self.evidence(picks, read_tokens)[0]
 
     def question_embeds(self, question: str) -> torch.Tensor:
         return self._text_embeds(self.tail_template.replace("{question}", question.strip()))
@@ -240,22 +259,23 @@ class Answerer:
     def prefill(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> KeptPrefix:
         """Compute and keep the KV cache of head + evidence."""
         with self.lock:
-            embeds = torch.cat([self._text_embeds(self.head_text), self.evidence_embeds(picks, read_tokens)])
+            evidence, shown = self.evidence(picks, read_tokens)
+            embeds = torch.cat([self._text_embeds(self.head_text), evidence])
             self._check_context(embeds.shape[0])
             cache = self.cache_class()
             self._forward(embeds, cache)
             key = tuple((p.row.id, int(p.level)) for p in picks)
-            return KeptPrefix(key=key, cache=cache, length=cache.get_seq_length(), picks=list(picks))
+            return KeptPrefix(key=key, cache=cache, length=cache.get_seq_length(), picks=shown)
 
     def extend(self, kept: KeptPrefix, picks: Sequence[Pick], read_tokens: ReadTokens) -> KeptPrefix:
         """Append more evidence to a kept prefix (a live stream's new segments) without recomputing it."""
         with self.lock:
             truncate(kept.cache, kept.length)
-            embeds = self.evidence_embeds(picks, read_tokens)
+            embeds, shown = self.evidence(picks, read_tokens)
             self._check_context(kept.length + embeds.shape[0])
             self._forward(embeds, kept.cache)
             kept.length = kept.cache.get_seq_length()
-            kept.picks.extend(picks)
+            kept.picks.extend(shown)
             kept.key = kept.key + tuple((p.row.id, int(p.level)) for p in picks)
             return kept
 
@@ -306,7 +326,10 @@ class Answerer:
             else:
                 cached = prefix.length
             truncate(prefix.cache, prefix.length)
-            suffix = [self.evidence_embeds(extra, read_tokens)] if extra else []
+            suffix = []
+            if extra:
+                extra_embeds, extra = self.evidence(extra, read_tokens)
+                suffix.append(extra_embeds)
             suffix.append(self.question_embeds(question))
             suffix_embeds = torch.cat(suffix)
             self._check_context(prefix.length + suffix_embeds.shape[0])

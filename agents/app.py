@@ -19,7 +19,7 @@ import torch
 
 from vidmem.agents.answer import Answer, Answerer, KeptPrefix
 from vidmem.agents.select import Level, Pick, SelectOptions, Selection, select
-from vidmem.errors import BudgetError, UnknownStreamError, VidmemError
+from vidmem.errors import BudgetError, ConfigError, UnknownStreamError, VidmemError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,12 @@ class Settings:
     compressor_weights: Path | None = None  # a `vidmem train` checkpoint (safetensors)
     captions: bool = False  # describe segments with the VLM at ingest and index the captions
     max_new_tokens: int = 256  # answer length limit
+    feature_cache: bool = False  # STC cacher: reuse vision features of near-identical frames instead of re-encoding
+    prune: float = 1.0  # STC pruner: share of each segment's tokens shown to the model; selection spends budget / prune
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.prune <= 1.0:
+            raise ConfigError(f"prune must be a share of tokens in (0, 1], not {self.prune}")
 
 
 @dataclass
@@ -76,12 +82,17 @@ class MemorySink:
         self.stream = stream
         self.on_segment = on_segment  # called (row, segment) after each commit, from the worker thread
         self.last_row = None
+        self.encoder = app.encoder
+        if app.settings.feature_cache:  # one cache per stream: its frames resemble each other, not other cameras'
+            from vidmem.compressors.stc import CachedEncoder
+
+            self.encoder = CachedEncoder(app.encoder)
 
     def encode(self, segments: list) -> list[EncodedSegment]:
         app = self.app
         images = [frame.image for segment in segments for frame in segment.frames]
         with torch.inference_mode():
-            features = app.encoder(images)  # (sum T, L, D)
+            features = self.encoder(images)  # (sum T, L, D)
             embeddings = app.embedder.embed_images([s.keyframe.image for s in segments])  # (B, E)
             out, offset = [], 0
             for segment, embedding in zip(segments, embeddings):
@@ -175,7 +186,7 @@ class Vidmem:
 
             compressor, projector = load_compressor(weights, encoder_fingerprint=encoder.fingerprint, dim=encoder.dim)
             if projector:
-                self.vlm.model.multi_modal_projector.load_state_dict(projector)
+                self.vlm.projector.load_state_dict(projector)
         else:
             compressor = build_compressor(self.settings.compressor, dim=encoder.dim, num_patches=encoder.num_patches)
         return compressor.to(self.vlm.device, self.vlm.dtype).eval()
@@ -184,16 +195,41 @@ class Vidmem:
     def answerer(self) -> Answerer:
         with self._lock:
             if self._answerer is None:
-                self._answerer = Answerer(self.vlm, max_new_tokens=self.settings.max_new_tokens)
+                self._answerer = Answerer(
+                    self.vlm, max_new_tokens=self.settings.max_new_tokens, prune=self.settings.prune
+                )
             return self._answerer
+
+    def compressor_tag(self) -> str:
+        """The compressor's name, plus a digest of its trained weights when a checkpoint is used."""
+        weights = self.settings.compressor_weights
+        if weights is None:
+            return self.settings.compressor
+        import hashlib
+
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+        return f"{self.compressor.name}@{digest}"
+
+    def check_answering_weights(self) -> None:
+        """A memory made with trained compressor weights is read with the projector trained beside them."""
+        made_with = getattr(self.memory.manifest, "compressor", None)
+        if made_with is None or "@" not in made_with:
+            return
+        if self.settings.compressor_weights is None:
+            raise ConfigError(
+                f"this memory's tokens were made with trained compressor weights ({made_with}); pass the same "
+                "checkpoint to ask with --compressor-weights"
+            )
+        if self.compressor_tag() != made_with:
+            raise ConfigError(
+                f"--compressor-weights is not the checkpoint this memory was made with ({made_with}); pass that one"
+            )
 
     def manifest(self):
         from vidmem.memory import Manifest
 
         compressor = self.compressor
-        tag = compressor.name
-        if self.settings.compressor_weights is not None:
-            tag += "@" + Path(self.settings.compressor_weights).stem
+        tag = self.compressor_tag()
         return Manifest(
             encoder=self.encoder.fingerprint, encoder_name=self.encoder.name, compressor=tag, dim=self.encoder.dim,
             embedder=self.embedder.name, embed_dim=self.embedder.dim,
@@ -284,7 +320,11 @@ class Vidmem:
             candidates = fuse(candidates, by_caption)
         from dataclasses import replace
 
-        return select(timeline, candidates, options=replace(opts, budget=budget), live_streams=live_streams)
+        if budget < 1:
+            raise BudgetError(f"a budget of {budget} visual tokens holds nothing; give a positive --budget")
+        # With the pruner on, select for the larger budget its pruning brings back within `budget`.
+        spend = int(budget / self.settings.prune)
+        return select(timeline, candidates, options=replace(opts, budget=spend), live_streams=live_streams)
 
     def ask(
         self,
@@ -308,6 +348,7 @@ class Vidmem:
         """
         if not question or not question.strip():
             raise VidmemError("the question is empty")
+        self.check_answering_weights()
         kept = self.answerer.kept
         if follow_up and kept is not None:
             return self.answerer.answer(question, kept.picks, self.memory.read_tokens, on_token=on_token)

@@ -65,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="video file, rtsp/http(s) URL, or camera (/dev/video0, camera:0)")
     p.add_argument("--stream", help="stream name (default: the file's name)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
+    p.add_argument("--frame-budget", type=int, help="files: keep only the N most informative frames (AVS top-k)")
     p.add_argument("--compressor", default="timeperceiver", help="token compressor (default timeperceiver)")
     p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--captions", action="store_true", help="describe each segment with the VLM and index the captions")
+    p.add_argument("--feature-cache", action="store_true",
+                   help="reuse vision features of near-identical frames instead of encoding them again (STC cacher)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
     _common(p)
 
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="from this time (seconds, HH:MM:SS, or ISO date-time)")
     p.add_argument("--until", help="up to this time")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--prune", type=float, default=1.0,
+                   help="show this share of each segment's most salient tokens and cover more segments (STC pruner)")
     p.add_argument("--compressor-weights", type=Path, help="the checkpoint used at ingest (loads its projector)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
     _common(p)
@@ -104,15 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("train", help="train a compressor (Clapper stage 1, or SVC reconstruction)")
-    p.add_argument("data", type=Path, help='JSONL of {"video": path, "caption": text}')
+    p.add_argument("data", type=Path, help='JSONL of {"video": path, "caption": text} (paths relative to the file)')
     p.add_argument("--output", type=Path, required=True, help="checkpoint file to write (.safetensors)")
-    p.add_argument("--compressor", default="timeperceiver")
-    p.add_argument("--objective", choices=("caption", "reconstruction"), default="caption")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--compressor", default="timeperceiver", help="compressor to train (default timeperceiver)")
+    p.add_argument("--compressor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a compressor option, e.g. depth=3 (repeatable; values are JSON or strings)")
+    p.add_argument("--objective", choices=("caption", "reconstruction"), default="caption",
+                   help="caption: Clapper stage 1 (next-token loss); reconstruction: SVC video-only pretraining")
+    p.add_argument("--init", type=Path, help="continue from this checkpoint")
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--train-projector", action="store_true", help="also train the VLM's projector")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of training video")
+    p.add_argument("--max-frames", type=int, default=96, help="frames per video at most (Clapper: 96)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--freeze-projector", action="store_true", help="keep the VLM's projector as it is")
+    p.add_argument("--train-llm", action="store_true", help="also train the language model")
+    p.add_argument("--seed", type=int, default=0)
     _common(p)
 
     p = sub.add_parser("stats", help="streams, segments, bytes and time covered")
@@ -129,6 +145,8 @@ def _settings(args: argparse.Namespace):
         compressor_weights=getattr(args, "compressor_weights", None),
         max_new_tokens=getattr(args, "max_new_tokens", 256),
         captions=getattr(args, "captions", False),
+        feature_cache=getattr(args, "feature_cache", False),
+        prune=getattr(args, "prune", 1.0),
         caption_embedder=getattr(args, "caption_embedder", None),
     )
 
@@ -164,7 +182,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             return await app.ingest(
-                source, stream=args.stream or _stream_name(args.source), options=IngestOptions(fps=args.fps),
+                source, stream=args.stream or _stream_name(args.source), options=IngestOptions(fps=args.fps, frame_budget=args.frame_budget),
                 progress=not args.no_progress and sys.stderr.isatty(), stop=stop,
             )
 
@@ -232,13 +250,29 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return monitor_main(args, _settings(args))
 
 
+def _key_values(pairs: list[str]) -> dict:
+    """["depth=3", "mode=spatial"] -> {"depth": 3, "mode": "spatial"}; values parse as JSON when they can."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--compressor-option takes KEY=VALUE, not '{pair}'")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vidmem.compressors.train import TrainOptions, train
 
     report = train(TrainOptions(
         data=args.data, output=args.output, model=args.model, device=args.device, compressor=args.compressor,
-        objective=args.objective, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, train_projector=args.train_projector, progress=sys.stderr.isatty(),
+        compressor_options=_key_values(args.compressor_option), init=args.init, objective=args.objective,
+        steps=args.steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        fps=args.fps, max_frames=args.max_frames, precision=args.precision, seed=args.seed,
+        train_projector=not args.freeze_projector, train_llm=args.train_llm, progress=sys.stderr.isatty(),
     ))
     payload = report.to_json()
     _emit(args, payload, f"trained {args.compressor} for {payload.get('steps')} steps: loss "

@@ -249,6 +249,11 @@ class VLM:
         """The language model's width H."""
         return int(self.model.config.text_config.hidden_size)
 
+    @property
+    def projector(self) -> torch.nn.Module:
+        """The model's `multi_modal_projector` (vision width D -> language width H)."""
+        return self._inner.multi_modal_projector
+
     @torch.no_grad()
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, D) tokens in the vision tower's space -> (N, H) language-model input embeddings."""

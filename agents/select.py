@@ -65,10 +65,11 @@ class Pick:
     level: Level
     score: float  # retrieval score (0 for anchors and the recent window without a score)
     reason: str  # "recent", "clip" or "anchor"
+    keep: int | None = None  # tokens shown after STC pruning at question time; None: all tokens of the level
 
     @property
     def tokens(self) -> int:
-        return cost(self.row, self.level)
+        return cost(self.row, self.level) if self.keep is None else self.keep
 
 
 @dataclass

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -109,61 +110,73 @@ def percentiles(times: list[float], cpu: list[float]) -> dict:
 
 
 def search_bench(sizes: list[int], n_queries: int, device: str, workdir: Path) -> dict:
+    """Fill the memory up to each size here, then measure in a fresh process, as `vidmem ask` would run."""
     cents = centres()
     manifest = Manifest(encoder="bench", encoder_name="bench", compressor="timeperceiver", dim=8,
                         embedder="clip-ViT-B-32", embed_dim=E)
     out = {}
-    have = 0
     path = workdir / "search"
     for size in sizes:
         log(f"search at {size:,} segments: filling")
         with Memory.open(path, device=device) as memory:
             memory.bind(manifest)
-            fill(memory, have, size, cents)
-        have = size
-        with Memory.open(path, device=device) as memory:
-            rng = np.random.default_rng(size)
-            batches: dict[int, np.ndarray] = {}
-            rows = []
-            for p in rng.integers(0, size, n_queries):
-                first = int(p) // BATCH * BATCH
-                if first not in batches:
-                    batches[first] = batch_vectors(first, min(BATCH, size - first), cents)
-                rows.append(batches[first][int(p) - first])
-            batches.clear()
-            queries = np.stack(rows)  # (Q, E)
-            queries += 0.3 * rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(E)
-            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-            t0 = time.perf_counter()
-            memory.search(queries[0], k=K)  # loads or builds the index
-            build = time.perf_counter() - t0
-            index = memory._indexes.indexes["image"]
-            end = (size // STREAMS) * SEGMENT_SECONDS
-            filters = {
-                "none": {},
-                "one_of_4_streams": {"streams": ["cam1"]},
-                "last_hour": {"since": end - 3600},
-                "one_stream_last_day": {"streams": ["cam2"], "since": end - 86400},
-            }
-            figures = {"index": "ivf" if index.ivf else "flat", "build_s": round(build, 2),
-                       "nlist": int(index.index.nlist) if index.ivf else None}
-            for name, kw in filters.items():
-                times, cpu, found = [], [], []
-                for q in queries:
-                    t, c = time.perf_counter(), time.thread_time()
-                    hits = memory.search(q, k=K, **kw)
-                    times.append(time.perf_counter() - t)
-                    cpu.append(time.thread_time() - c)
-                    found.append([r.id for r, _ in hits[:10]])
-                figures[name] = percentiles(times, cpu)
-                truth = exact_top(queries[:50], size, cents, 10, kw)
-                recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found[:50], truth)])
-                figures[name]["recall_at_10"] = round(float(recall), 3)
-            figures["rss_mb"] = round(rss_mb(), 1)
-            figures["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine inflates p99
-            log(f"  {size:,}: {json.dumps(figures)}")
-            out[str(size)] = figures
+            fill(memory, memory.stats()["segments"], size, cents)  # a kept --workdir is reused
+        done = subprocess.run([sys.executable, __file__, "--measure", str(path), "--size", str(size),
+                               "--queries", str(n_queries), "--device", device], stdout=subprocess.PIPE)
+        if done.returncode != 0:
+            raise SystemExit(f"measuring {size} segments failed")
+        out[str(size)] = json.loads(done.stdout)
+        log(f"  {size:,}: {done.stdout.decode().strip()}")
     return out
+
+
+def measure(path: Path, size: int, n_queries: int, device: str) -> dict:
+    """Search figures for the memory at `path` (filled by `fill` up to `size`), from this fresh process."""
+    cents = centres()
+    rss_before = rss_mb()
+    with Memory.open(path, device=device) as memory:
+        rng = np.random.default_rng(size)
+        batches: dict[int, np.ndarray] = {}
+        rows = []
+        for p in rng.integers(0, size, n_queries):
+            first = int(p) // BATCH * BATCH
+            if first not in batches:
+                batches[first] = batch_vectors(first, min(BATCH, size - first), cents)
+            rows.append(batches[first][int(p) - first])
+        batches.clear()
+        queries = np.stack(rows)  # (Q, E)
+        queries += 0.3 * rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(E)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        t0 = time.perf_counter()
+        memory.search(queries[0], k=K)  # loads or builds the index
+        build = time.perf_counter() - t0
+        rss_index = rss_mb()
+        index = memory._indexes.indexes["image"]
+        end = (size // STREAMS) * SEGMENT_SECONDS
+        filters = {
+            "none": {},
+            "one_of_4_streams": {"streams": ["cam1"]},
+            "last_hour": {"since": end - 3600},
+            "one_stream_last_day": {"streams": ["cam2"], "since": end - 86400},
+        }
+        figures = {"index": "ivf" if index.ivf else "flat", "build_s": round(build, 2),
+                   "nlist": int(index.index.nlist) if index.ivf else None}
+        for name, kw in filters.items():
+            times, cpu, found = [], [], []
+            for q in queries:
+                t, c = time.perf_counter(), time.thread_time()
+                hits = memory.search(q, k=K, **kw)
+                times.append(time.perf_counter() - t)
+                cpu.append(time.thread_time() - c)
+                found.append([r.id for r, _ in hits[:10]])
+            figures[name] = percentiles(times, cpu)
+            truth = exact_top(queries[:50], size, cents, 10, kw)
+            recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found[:50], truth)])
+            figures[name]["recall_at_10"] = round(float(recall), 3)
+        figures["index_rss_mb"] = round(rss_index - rss_before, 1)  # what loading/building the index added
+        figures["rss_mb"] = round(rss_mb(), 1)
+        figures["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine inflates p99
+    return figures
 
 
 def ram_and_disk_bench(segments: int, workdir: Path) -> tuple[dict, dict]:
@@ -208,7 +221,12 @@ def main() -> None:
     parser.add_argument("--ram-segments", type=int, default=None)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--workdir", default=None, help="where to build the memories (default: a temp dir)")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one size, fresh process
+    parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure), args.size, args.queries, args.device)), flush=True)
+        return
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else \
         ([10_000] if args.quick else [10_000, 100_000, 1_000_000])
     ram_segments = args.ram_segments or (100 if args.quick else 1500)

@@ -53,7 +53,7 @@ def dpc_knn(points: torch.Tensor, num_centers: int, *, k: int = 5) -> DensityPea
         knn = dist.topk(neighbours + 1, dim=-1, largest=False).values[:, 1:]  # (N, k) without the point itself
         density = torch.exp(-(knn**2).mean(dim=-1))
     else:
-        density = torch.ones(num)
+        density = torch.ones(num, device=x.device)
     # break ties deterministically so "higher density" is a strict order
     density = density + torch.arange(num, 0, -1, dtype=density.dtype, device=density.device) * 1e-9
     higher = density[None, :] > density[:, None]  # (N, N): j denser than i
@@ -161,7 +161,7 @@ class DynFocusCompressor(Compressor):
         prototypes = merge_clusters(pooled, peaks)  # (C, 49, D), one per candidate
         # eq. 6: score from the max-norm row and the mean row of each candidate prototype
         rows = prototypes.norm(dim=-1).argmax(dim=-1)  # (C,)
-        max_row = prototypes[torch.arange(prototypes.shape[0]), rows]  # (C, D)
+        max_row = prototypes[torch.arange(prototypes.shape[0], device=rows.device), rows]  # (C, D)
         learned = self.score_net(torch.cat((max_row, prototypes.mean(dim=1)), dim=-1)).squeeze(-1).float()  # (C,)
         spread = learned.max() - learned.min()
         # min-max normalised; while all scores tie (untrained) the value is 0 but the gradient still flows

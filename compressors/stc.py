@@ -35,6 +35,7 @@ class CachedEncoder:
     """A `VisionEncoder` that skips the tower for frames matching a recently encoded one.
 
     Behaves like the wrapped encoder (same call, same attributes: dim, num_patches, fingerprint, calls, ...).
+    Not thread-safe: use it from the one worker that runs the vision encoder.
     """
 
     def __init__(
@@ -117,7 +118,7 @@ class CachedEncoder:
         cached = {key: self._cache[key][1] for kind, key in sources if kind == "cache"}
         encoded = self.encoder([images[i] for i in fresh]) if fresh else None
         for n, i in enumerate(fresh):
-            self._store(thumbs[i], encoded[n])
+            self._store(thumbs[i], encoded[n].clone())  # its own storage: the batch tensor can be freed
         rows = [cached[key] if kind == "cache" else encoded[key] for kind, key in sources]
         log.debug("cacher: %d images, %d encoded, %d reused", len(images), len(fresh), len(images) - len(fresh))
         return torch.stack(rows)

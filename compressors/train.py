@@ -359,10 +359,13 @@ def load_compressor(path: Path, *, encoder_fingerprint: str, dim: int) -> tuple[
         )
     name = spec.pop("name")
     spec.pop("dim")
-    compressor = build_compressor(name, dim=dim, **spec)
     tensors = load_file(str(path))
     state = {k[len("compressor.") :]: v for k, v in tensors.items() if k.startswith("compressor.")}
-    compressor.load_state_dict(state)
+    try:
+        compressor = build_compressor(name, dim=dim, **spec)
+        compressor.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as exc:  # options or weights this version cannot rebuild
+        raise ModelNotFoundError(f"{path} holds a '{name}' compressor this version of vidmem cannot rebuild ({exc})") from exc
     projector = {k[len("projector.") :]: v for k, v in tensors.items() if k.startswith("projector.")}
     return compressor.eval(), (projector or None)
 

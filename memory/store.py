@@ -123,13 +123,13 @@ class Memory:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is None:
+            if isinstance(self._conn, _Closed):
                 return
             if self._indexes is not None:
                 self._indexes.close()
             self._files.close()
             self._conn.close()
-            self._conn = None  # type: ignore[assignment]
+            self._conn = _Closed(self.path)  # type: ignore[assignment]
 
     # -- small helpers -----------------------------------------------------------------------------------
     def _meta(self, key: str) -> str | None:
@@ -139,8 +139,6 @@ class Memory:
     def _check_writable(self) -> None:
         if self.readonly:
             raise MemoryStoreError(f"the memory at {self.path} was opened read-only.")
-        if self._conn is None:
-            raise MemoryStoreError(f"the memory at {self.path} is closed.")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -156,21 +154,32 @@ class Memory:
         return row[0]
 
     def _index_set(self) -> IndexSet | None:
-        if self.manifest is None:
-            return None
-        if self._indexes is None:
-            dims = {"image": self.manifest.embed_dim}
-            caption_dim = self._meta("caption_dim")
-            if caption_dim:
-                dims["caption"] = int(caption_dim)
-            self._indexes = IndexSet(self.path / DB_NAME, self.path / "index", self.instance, dims,
-                                     self._index_options, persist=not self.readonly)
-        return self._indexes
+        with self._lock:
+            if self.manifest is None:  # another process may have bound it since we opened
+                stored = self._meta("manifest")
+                if stored is None:
+                    return None
+                self.manifest = Manifest.from_dict(json.loads(stored))
+            if self._indexes is not None and "caption" not in self._indexes.dims:
+                caption_dim = self._meta("caption_dim")  # captions may have started arriving since
+                if caption_dim:
+                    self._indexes.dims["caption"] = int(caption_dim)
+            if self._indexes is None:
+                dims = {"image": self.manifest.embed_dim}
+                caption_dim = self._meta("caption_dim")
+                if caption_dim:
+                    dims["caption"] = int(caption_dim)
+                self._indexes = IndexSet(self.path / DB_NAME, self.path / "index", self.instance, dims,
+                                         self._index_options, persist=not self.readonly)
+            return self._indexes
 
     # -- manifest ----------------------------------------------------------------------------------------
     def bind(self, manifest: Manifest) -> None:
         """Record what makes this memory's tokens; refuse a different encoder, compressor or embedder."""
         with self._lock:
+            if self.manifest is None and self.readonly:
+                stored = self._meta("manifest")  # a writer may have bound it since we opened
+                self.manifest = Manifest.from_dict(json.loads(stored)) if stored else None
             if self.manifest is None and not self.readonly:
                 with _transaction(self._conn) as conn:
                     stored = conn.execute("SELECT value FROM meta WHERE key='manifest'").fetchone()
@@ -673,6 +682,16 @@ class Memory:
         with self._lock:
             return [json.loads(r[0]) for r in
                     self._conn.execute(f"SELECT body FROM events {where} ORDER BY start_time, id", params)]
+
+
+class _Closed:
+    """Stands in for the connection after close(), so any later use fails with one clear error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __getattr__(self, name: str) -> object:
+        raise MemoryStoreError(f"the memory at {self.path} is closed.")
 
 
 @contextmanager

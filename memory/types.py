@@ -12,7 +12,8 @@ STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_stream_name(name: str) -> str:
     """Return `name` when it is a safe stream name, else raise ConfigError naming it."""
-    if not isinstance(name, str) or not STREAM_NAME.match(name) or ".." in name:
+    # fullmatch: with match, '$' lets a trailing newline through ("cam\n" would become a folder name)
+    if not isinstance(name, str) or not STREAM_NAME.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"invalid stream name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit."
         )

@@ -142,6 +142,8 @@ def decode_frames(container: av.container.InputContainer, *, name: str, clock: C
                 continue  # pre-roll before the start (edit lists): players do not show it
             image = to_rgb(vf, fallback, max_side)
             yield Frame(ts=clock(raw), image=image)
+    except av.error.ExitError as exc:  # PyAV's read timeout interrupted FFmpeg ("Immediate exit requested")
+        raise SourceError(f"Video source {name} stalled: no data arrived within the read timeout.") from exc
     except av.error.FFmpegError as exc:
         raise SourceError(f"Video source {name} failed while decoding: {_reason(exc)}.") from exc
     except (OSError, MemoryError) as exc:

@@ -231,28 +231,28 @@ async def ingest(source: Source, sink: SegmentSink, *, stream: str, options: Ing
         if bar is not None:
             _advance(bar, chunk[-1].ts, started)
 
-    async def analyse() -> None:
+    async def analyse_frames() -> None:
         seen_gaps = 0
-        failure: BaseException | None = None
+        pending: list[Frame] = []  # files: frames analysed a chunk per worker-thread call
+        async with contextlib.aclosing(source.frames()) as frames:
+            async for frame in _until(frames, stop):
+                if len(source.gaps) > seen_gaps:  # a live source reconnected: close up before the gap
+                    await analyse_chunk(pending)
+                    while len(source.gaps) > seen_gaps:
+                        for item in analyser.gap(*source.gaps[seen_gaps]):
+                            await queue.put(item)
+                        seen_gaps += 1
+                pending.append(frame)
+                if source.live or len(pending) >= ANALYSIS_CHUNK:  # live: no waiting for company
+                    await analyse_chunk(pending)
+        await analyse_chunk(pending)
+        for item in await asyncio.to_thread(analyser.finish):
+            await queue.put(item)
+
+    async def analyse() -> None:
+        failure: SourceError | None = None
         try:
-            if options.frame_budget is not None:
-                await analyse_budget()
-                return
-            pending: list[Frame] = []  # files: frames analysed a chunk per worker-thread call
-            async with contextlib.aclosing(source.frames()) as frames:
-                async for frame in _until(frames, stop):
-                    if len(source.gaps) > seen_gaps:
-                        await analyse_chunk(pending)
-                        while len(source.gaps) > seen_gaps:
-                            for item in analyser.gap(*source.gaps[seen_gaps]):
-                                await queue.put(item)
-                            seen_gaps += 1
-                    pending.append(frame)
-                    if source.live or len(pending) >= ANALYSIS_CHUNK:  # live: no waiting for company
-                        await analyse_chunk(pending)
-            await analyse_chunk(pending)
-            for item in await asyncio.to_thread(analyser.finish):
-                await queue.put(item)
+            await (analyse_budget() if options.frame_budget is not None else analyse_frames())
         except SourceError as exc:
             failure = exc  # store what was completed before the fault, not the segment in flight
         # Not in a `finally`: when cancelled, nobody would take the sentinel from a full queue.

@@ -116,12 +116,21 @@ class FileSource(Source):
             return out
 
     async def frames(self) -> AsyncIterator[Frame]:
-        while True:
-            chunk = await asyncio.to_thread(self._decode_chunk, FILE_CHUNK)
-            if not chunk:
-                return
-            for frame in chunk:
-                yield frame
+        # One chunk is decoded ahead while the consumer works on the last: decoding and analysis overlap on two
+        # cores, and a slow consumer still stops decoding after one chunk (backpressure, nothing dropped).
+        ahead = asyncio.ensure_future(asyncio.to_thread(self._decode_chunk, FILE_CHUNK))
+        try:
+            while True:
+                chunk = await ahead
+                if not chunk:
+                    return
+                ahead = asyncio.ensure_future(asyncio.to_thread(self._decode_chunk, FILE_CHUNK))
+                for frame in chunk:
+                    yield frame
+        finally:
+            if not ahead.done():
+                ahead.cancel()  # the worker thread finishes its chunk; aclose waits for it
+            ahead.add_done_callback(_consume)
 
     def _close(self) -> None:
         with self._lock:
@@ -131,6 +140,12 @@ class FileSource(Source):
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._close)
+
+
+def _consume(future: asyncio.Future) -> None:
+    """Retrieve an abandoned read-ahead's outcome (an error after the consumer left is not news)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _LiveSource(Source):

@@ -176,3 +176,16 @@ def test_captions_are_written_at_ingest_and_join_retrieval(tiny_models, videos, 
         assert answer.text and {p.row.id for p in answer.picks} <= {r.id for r in rows}
     finally:
         app.close()
+
+
+def test_pruning_covers_more_segments_within_the_same_budget(app_factory, background):
+    plain = app_factory()
+    pruned = app_factory(prune=0.5)
+    for app in (plain, pruned):
+        fill(app, background[:60])
+    full = plain.ask("What happens?", budget=2000)
+    half = pruned.ask("What happens?", budget=2000)
+    assert half.visual_tokens <= 2000 and full.visual_tokens <= 2000
+    assert len(half.picks) > 1.5 * len(full.picks), "pruned segments leave room for more of them"
+    assert all(p.tokens < 245 for p in half.picks)
+    assert half.visual_tokens == sum(s["tokens"] for s in half.segments())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from vidmem.compressors import build_compressor
 from vidmem.compressors.base import TokenBlock, pool_grid
-from vidmem.compressors.dynfocus import dpc_knn
+from vidmem.compressors.dynfocus import PerturbedTopK, dpc_knn
 from vidmem.compressors.sampler import sincos_2d
 from vidmem.compressors.stc import Pruner, prune, salience
 
@@ -171,6 +171,22 @@ def test_dynfocus_gives_cones_to_one_frame_per_event():
     single = build_compressor("dynfocus", dim=DIM, events=1, candidates=2).eval()
     assert single.select_events(frames)[0].tolist()[0] in (0, 1, 3)
     assert single(frames).count == cone + 3 * 2
+
+
+def test_perturbed_top_k_lets_the_loss_move_a_frame_into_the_selection():
+    # DynFocus eq. 7-9: the top-k indicator is an expectation over noisy scores, so it has a gradient
+    torch.manual_seed(0)
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.75], requires_grad=True)
+    indicator = PerturbedTopK.apply(scores, 2, 500, 0.1)
+    assert indicator[0] > 0.9 and indicator[2] < 0.05  # close to the hard top-2 {0, 1}
+    (-indicator[3]).backward()  # a loss that wants frame 3 selected ...
+    assert scores.grad[3] < 0 and scores.grad[1] > 0  # ... raises its score and lowers its rival's
+
+
+def test_dynfocus_score_network_learns_from_the_language_loss():
+    dynfocus = build_compressor("dynfocus", dim=DIM).train()
+    dynfocus(_features(4)).tokens.square().mean().backward()
+    assert dynfocus.score_net[-1].weight.grad.abs().sum() > 0  # through the perturbed top-k gates
 
 
 # -- STC-Pruner --------------------------------------------------------------------------------------------

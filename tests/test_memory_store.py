@@ -305,3 +305,31 @@ def test_rules_and_events_round_trip(memory: Memory) -> None:
     assert [e["id"] for e in memory.events(since=15.0)] == ["e2"]
     with pytest.raises(ConfigError):
         memory.put_rule("front", {"condition": "no id"})
+
+
+def test_time_filters_hold_when_footage_arrives_out_of_order(memory: Memory) -> None:
+    rng = np.random.default_rng(12)
+    late, _, emb_late = add(memory, rng, "cam", 1000.0)
+    early, _, emb_early = add(memory, rng, "cam", 0.0)  # a recording re-ingested from its start
+    middle, _, _ = add(memory, rng, "cam", 500.0)
+    assert [r.id for r, _ in memory.search(emb_late, k=5, since=900.0)] == [late.id]
+    assert [r.id for r, _ in memory.search(emb_early, k=5, until=100.0)] == [early.id]
+    assert {r.id for r, _ in memory.search(emb_early, k=5, since=400.0, until=600.0)} == {middle.id}
+    memory.extend_segment(early.id, end=2000.0, frames=500)
+    assert early.id in {r.id for r, _ in memory.search(emb_early, k=5, since=1500.0)}
+
+
+def test_readonly_and_closed_memories_refuse_writes_clearly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    with Memory.open(tmp_path / "mem") as memory:
+        memory.bind(MANIFEST)
+        add(memory, rng, "cam", 0.0)
+    with Memory.open(tmp_path / "mem", readonly=True) as reader:
+        with pytest.raises(MemoryStoreError, match="read-only"):
+            add(reader, rng, "cam", 4.0)
+        assert len(reader.segments()) == 1
+    with pytest.raises(MemoryStoreError, match="closed"):
+        reader.segments()
+    (tmp_path / "file").write_text("not a memory")
+    with pytest.raises(MemoryStoreError, match="is a file"):
+        Memory.open(tmp_path / "file")

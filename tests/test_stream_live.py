@@ -145,12 +145,20 @@ def test_options_are_validated_with_a_clear_message():
 
 
 _SIGNAL_SCRIPT = r"""
-import asyncio, json, signal, sys
+import asyncio, json, signal, sys, time
 sys.path.insert(0, sys.argv[2])
 from stream_support import RecordingSink
 from vidmem.stream import IngestOptions, ingest, open_source
 
+stop = None
+
 class Announcing(RecordingSink):
+    def encode(self, segments):
+        if self.encode_calls == 1:  # the second batch waits for the signal: the loop is mid-file when it comes
+            while not stop.is_set():
+                time.sleep(0.01)
+        return super().encode(segments)
+
     def commit(self, segment, encoded):
         tokens = super().commit(segment, encoded)
         if len(self.segments) == 1:
@@ -158,12 +166,14 @@ class Announcing(RecordingSink):
         return tokens
 
 async def main():
+    global stop
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    sink = Announcing(encode_delay=0.4)
-    report = await ingest(open_source(sys.argv[1]), sink, stream="s", options=IngestOptions(batch_segments=1, queue_size=1), stop=stop)
+    sink = Announcing()
+    options = IngestOptions(batch_segments=1, queue_size=1)
+    report = await ingest(open_source(sys.argv[1]), sink, stream="s", options=options, stop=stop)
     print(json.dumps({"report": report.to_json(), "ranges": sink.ranges, "sizes": [len(s) for s in sink.segments],
                       "stopped": report.stopped}), flush=True)
 
@@ -180,7 +190,7 @@ def test_a_signal_flushes_the_segment_in_flight_and_exits_cleanly(videos, sig):
     from pathlib import Path
 
     tests = str(Path(__file__).parent)
-    proc = subprocess.Popen([sys.executable, "-c", _SIGNAL_SCRIPT, str(videos["test.mp4"]["file"]), tests],
+    proc = subprocess.Popen([sys.executable, "-c", _SIGNAL_SCRIPT, str(videos["testvideo.mp4"]["file"]), tests],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "committed"
@@ -194,6 +204,5 @@ def test_a_signal_flushes_the_segment_in_flight_and_exits_cleanly(videos, sig):
     ranges = result["ranges"]
     assert result["report"]["segments"] == len(ranges) >= 1
     assert all(a1 <= b0 for (_, a1), (b0, _) in zip(ranges, ranges[1:]))
-    assert ranges[-1][1] <= 10.0 + 1e-6
-    assert result["report"]["video_seconds"] < 10.0  # it stopped early...
+    assert ranges[-1][1] < 20.0  # it stopped early (the file is 24 s)...
     assert result["report"]["frames"] == sum(result["sizes"])  # ...and what it had sampled was stored, not lost

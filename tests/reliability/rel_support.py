@@ -100,6 +100,7 @@ class Broker:
             lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
         if users:
             tool = Path(self.binary).with_name("mosquitto_passwd")
+            tool = tool if tool.exists() else Path(ensure_debian_package("mosquitto_passwd", "mosquitto"))
             passwd = folder / "passwd"
             for i, (user, password) in enumerate(users.items()):
                 subprocess.run([str(tool), "-b", *(["-c"] if i == 0 else []), str(passwd), user, password],

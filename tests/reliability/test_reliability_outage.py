@@ -1,0 +1,154 @@
+"""Outages: a disk that fills up while tokens are written, and a camera URL that goes away and comes back.
+
+The broker going down and coming back (events queued meanwhile, all delivered) and refused credentials are covered
+by tests/test_mqtt_monitor.py (test_events_during_a_broker_outage_are_delivered_after_reconnect,
+test_bad_credentials_give_a_clear_error_and_a_running_monitor_rides_them_out); a live HTTP stream that drops once
+by tests/test_stream_faults.py. These add the memory's side: what is committed stays, the error is one line.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from rel_support import WAIT, check_consistent, cli, cli_env, committed_ids, one_error_line
+
+from vidmem.stream.synth import busy_scene, write_video
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_tokens_gives_one_clear_error_and_a_consistent_memory(tmp_path, tiny_models, videos):
+    disk = tmp_path / "disk"
+    memory = disk / "memory"
+    video = str(videos["demo.mp4"]["file"])
+    if _mount_tmpfs(disk, "400k"):  # a real filesystem that runs out of space (ENOSPC)
+        try:
+            result = subprocess.run(cli("ingest", video, "--stream", "cam", "--fps", "4", memory=memory, tiny=tiny_models),
+                                    capture_output=True, text=True, env=cli_env(), timeout=WAIT)
+            kept = committed_ids(memory)
+            report = check_consistent(memory) if (memory / "memory.sqlite").exists() else {"segments": 0}
+        finally:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+    else:  # unprivileged: the same failure injected with a file-size limit (EFBIG on the write that crosses it)
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+        result = subprocess.run(cli("ingest", video, "--stream", "cam", "--fps", "4", memory=memory, tiny=tiny_models),
+                                capture_output=True, text=True, env=cli_env(), timeout=WAIT, preexec_fn=limit)
+        kept = committed_ids(memory)
+        report = check_consistent(memory)
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    line = one_error_line(result.stderr)
+    assert "memory" in line.lower() or "token" in line.lower() or "disk" in line.lower() or "space" in line.lower(), line
+    assert report["segments"] == len(kept)
+
+
+class Camera:
+    """An HTTP camera serving an MPEG-TS feed without a length (a live feed); `down()` closes its port, `up()` reopens it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.port = 0
+        self.httpd: ThreadingHTTPServer | None = None
+        self.connections = 0
+
+    def up(self) -> None:
+        camera = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                camera.connections += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp2t")
+                self.end_headers()
+                mine = camera.httpd
+                try:
+                    while camera.httpd is mine:  # a live camera: the feed repeats until its server goes down
+                        for i in range(0, len(camera.body), 8192):
+                            if camera.httpd is not mine:
+                                break
+                            self.wfile.write(camera.body[i:i + 8192])
+                            time.sleep(12.0 * 8192 / len(camera.body))  # real time: 12 s of video in 12 s
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass
+                self.close_connection = True
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+
+@pytest.mark.slow
+def test_a_camera_that_disappears_and_returns_is_reconnected_with_the_gap_recorded(tmp_path, tiny_models):
+    from vidmem.agents.app import Settings, Vidmem
+    from vidmem.stream import IngestOptions, open_source
+
+    feed = tmp_path / "feed.ts"
+    write_video(feed, busy_scene(120, fps=10), fps=10)  # 12 s of MPEG-TS
+    camera = Camera(feed.read_bytes())
+    camera.up()
+    app = Vidmem(Settings(memory=tmp_path / "memory", model=str(tiny_models.llava), embedder=str(tiny_models.clip),
+                          device="cpu"))
+
+    async def scenario():
+        stop = asyncio.Event()
+        source = open_source(f"http://127.0.0.1:{camera.port}/cam.ts", open_timeout=3, read_timeout=3, max_reconnects=8)
+        task = asyncio.create_task(app.ingest(source, stream="door", options=IngestOptions(fps=2, static_threshold=0),
+                                              stop=stop))
+        deadline = time.monotonic() + WAIT
+        while not committed_ids(app.settings.memory, "door") and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        before = committed_ids(app.settings.memory, "door")
+        camera.down()  # the camera goes away: its port is closed, reconnections are refused ...
+        await asyncio.sleep(4.0)
+        camera.up()  # ... and it comes back on the same address
+        while not source.gaps and time.monotonic() < deadline:  # recorded once the reconnection succeeds
+            await asyncio.sleep(0.1)
+        after_gap = committed_ids(app.settings.memory, "door")
+        while len(committed_ids(app.settings.memory, "door") - after_gap) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        stop.set()
+        return before, await task
+
+    try:
+        before, report = asyncio.run(scenario())
+        rows = app.memory.segments(stream="door")
+    finally:
+        app.close()
+        camera.down()
+    assert before and before <= {r.id for r in rows}  # nothing recorded before the outage was lost
+    assert report.gaps, report.to_json()
+    gap_start, gap_end = max(report.gaps, key=lambda g: g[1] - g[0])
+    assert gap_end - gap_start >= 3.0  # the outage is recorded, not hidden
+    assert any(r.start >= gap_end - 1.0 for r in rows)  # and recording went on after it
+    starts = [r.start for r in rows]
+    assert starts == sorted(starts)
+    check_consistent(app.settings.memory)
