@@ -171,6 +171,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from vidmem.agents.app import Vidmem
     from vidmem.stream import IngestOptions, open_source
 
+    from vidmem.memory import check_stream_name
+
+    stream = check_stream_name(args.stream) if args.stream else _stream_name(args.source)
     source = open_source(args.source)  # a missing or unreadable file fails here, before anything else
     app = Vidmem(_settings(args))
     try:
@@ -182,7 +185,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             return await app.ingest(
-                source, stream=args.stream or _stream_name(args.source), options=IngestOptions(fps=args.fps, frame_budget=args.frame_budget),
+                source, stream=stream, options=IngestOptions(fps=args.fps, frame_budget=args.frame_budget),
                 progress=not args.no_progress and sys.stderr.isatty(), stop=stop,
             )
 

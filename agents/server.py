@@ -247,17 +247,24 @@ class LiveServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Route plain HTTP (page, health) and check a websocket handshake before it is accepted."""
         url = urlsplit(request.path)
+        query = parse_qs(url.query)
+        authorized = protocol.token_ok(self.token, request.headers.get("Authorization"), query)
+        if url.path == "/" and not authorized:
+            # The page is code anyone may read (app.js, style.css stay open), but with a token configured it is
+            # only served to whoever has it: the page then passes the token on to the websocket.
+            return _response(401, "a valid token is required: open this page as /?token=TOKEN\n")
         if url.path in self._pages:
             body, kind = self._pages[url.path]
             return _response(200, body, kind)
         if url.path == "/healthz":
-            return _response(200, json.dumps(self.health()).encode(), "application/json")
+            # Liveness for anyone; stream names and figures only with the token.
+            health = self.health() if authorized else {"status": "ok"}
+            return _response(200, json.dumps(health).encode(), "application/json")
         if url.path == "/favicon.ico":
             return _response(204, b"", "text/plain")
         if url.path != WS_PATH:
             return _response(404, f"not found: {url.path}; the page is at / and the websocket at {WS_PATH}\n")
-        query = parse_qs(url.query)
-        if not protocol.token_ok(self.token, request.headers.get("Authorization"), query):
+        if not authorized:
             response = _response(401, "a valid token is required: send 'Authorization: Bearer TOKEN' or ?token=TOKEN\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="vidmem"'
             return response

@@ -42,10 +42,12 @@ def log(msg: str) -> None:
     print(f"[bench/memory] {msg}", file=sys.stderr, flush=True)
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident MB; field="RssAnon" leaves out mapped file pages (token chunks a reader touched), which the
+    kernel reclaims as page cache under pressure."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -133,20 +135,19 @@ def search_bench(sizes: list[int], n_queries: int, device: str, workdir: Path) -
 def measure(path: Path, size: int, n_queries: int, device: str) -> dict:
     """Search figures for the memory at `path` (filled by `fill` up to `size`), from this fresh process."""
     cents = centres()
+    rng = np.random.default_rng(size)
+    rows = []
+    starts = np.arange(0, size, BATCH)
+    firsts = rng.choice(starts, size=min(10, len(starts)), replace=False)
+    for first in firsts:  # queries near stored vectors of 10 random batches (regenerating all would cost GBs)
+        vecs = batch_vectors(int(first), min(BATCH, size - int(first)), cents)
+        rows += list(vecs[rng.integers(0, len(vecs), -(-n_queries // len(firsts)))])
+    queries = np.stack(rows[:n_queries])  # (Q, E)
+    queries += 0.3 * rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(E)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    del rows, vecs
     rss_before = rss_mb()
     with Memory.open(path, device=device) as memory:
-        rng = np.random.default_rng(size)
-        batches: dict[int, np.ndarray] = {}
-        rows = []
-        for p in rng.integers(0, size, n_queries):
-            first = int(p) // BATCH * BATCH
-            if first not in batches:
-                batches[first] = batch_vectors(first, min(BATCH, size - first), cents)
-            rows.append(batches[first][int(p) - first])
-        batches.clear()
-        queries = np.stack(rows)  # (Q, E)
-        queries += 0.3 * rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(E)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         t0 = time.perf_counter()
         memory.search(queries[0], k=K)  # loads or builds the index
         build = time.perf_counter() - t0
@@ -185,7 +186,7 @@ def ram_and_disk_bench(segments: int, workdir: Path) -> tuple[dict, dict]:
                         embedder="clip-ViT-B-32", embed_dim=E)
     tokens = rng.standard_normal((TOKENS, D)).astype(np.float16)
     jpeg = rng.bytes(30_000)  # a typical 384 px keyframe JPEG
-    ram, disk = {"segments": [], "rss_mb": []}, {}
+    ram, disk = {"segments": [], "rss_mb": [], "anon_mb": []}, {}
     for dtype in ("float16", "int8"):
         path = workdir / f"disk-{dtype}"
         with Memory.open(path, token_dtype=dtype) as memory:
@@ -202,14 +203,18 @@ def ram_and_disk_bench(segments: int, workdir: Path) -> tuple[dict, dict]:
                 if dtype == "float16" and (i % max(1, n // 20) == 0 or i == n - 1):
                     ram["segments"].append(i + 1)
                     ram["rss_mb"].append(round(rss_mb(), 1))
+                    ram["anon_mb"].append(round(rss_mb("RssAnon"), 1))
         total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         seconds = n * SEGMENT_SECONDS
         disk[dtype] = {"bytes_per_second": round(total / seconds), "mb_per_hour": round(total / seconds * 3600 / 1e6, 1),
                        "includes_keyframe_jpeg_bytes": len(jpeg)}
         log(f"  disk {dtype}: {disk[dtype]}")
     half = len(ram["rss_mb"]) // 2
-    growth = (ram["rss_mb"][-1] - ram["rss_mb"][half]) / max(1, ram["segments"][-1] - ram["segments"][half])
-    ram["mb_per_1000_segments_second_half"] = round(growth * 1000, 2)
+    for key in ("rss_mb", "anon_mb"):
+        growth = (ram[key][-1] - ram[key][half]) / max(1, ram["segments"][-1] - ram["segments"][half])
+        ram[f"{key}_per_1000_segments_second_half"] = round(growth * 1000, 2)
+    # What the index itself must grow by: a flat fp32 vector, the int8 copy and metadata per segment.
+    ram["index_mb_per_1000_segments"] = round(1000 * (E * 4 + E + 4 + 28) / 2**20, 2)
     return ram, disk
 
 
@@ -227,8 +232,11 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(Path(args.measure), args.size, args.queries, args.device)), flush=True)
         return
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else \
-        ([10_000] if args.quick else [10_000, 100_000, 1_000_000])
+    if args.sizes == "none":
+        sizes = []  # RAM and disk figures only
+    else:
+        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else \
+            ([10_000] if args.quick else [10_000, 100_000, 1_000_000])
     ram_segments = args.ram_segments or (100 if args.quick else 1500)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vidmem-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -49,18 +49,18 @@ CONTEXT = 32768  # LLaVA-OneVision 0.5B's text context
 # ---------------------------------------------------------------------------------------------------- running
 
 
-def bench_command(name: str, *, quick: bool, gpu: bool) -> list[str]:
+def bench_command(name: str, *, quick: bool, gpu: bool, extra: str = "") -> list[str]:
     command = [sys.executable, str(REPO / "bench" / f"{name}.py")]
     if quick:
         command.append("--quick")
     if gpu and name in DEVICE_BENCHES:
         command += ["--device", "cuda"]
-    return command
+    return command + shlex.split(extra)
 
 
-def run_bench(name: str, *, quick: bool, gpu: bool) -> dict:
+def run_bench(name: str, *, quick: bool, gpu: bool, extra: str = "") -> dict:
     """Run one bench; its stderr (progress) is echoed as it comes, its last JSON line on stdout is the result."""
-    command = bench_command(name, quick=quick, gpu=gpu)
+    command = bench_command(name, quick=quick, gpu=gpu, extra=extra)
     log(f"running {shlex.join(command[1:])}")
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -194,13 +194,31 @@ def ingest_stages(ingest: dict | None) -> dict[str, float]:
     return {key: sum(v) / len(v) for key, v in stages.items() if v}
 
 
-def plot_ingest(ingest: dict | None, out: Path) -> Path:
+STAGE_LABELS = {
+    "decode_rtf": "decode (PyAV, every frame)",
+    "decode_sample_rtf": "decode + shots + sampling + segments",
+    "full pipeline rtf": "full pipeline (given --model)",
+}
+
+
+def encoder_rtf(answer: dict | None) -> float | None:
+    """Estimated real-time factor of the full SigLIP tower at 1 fps (from the answer bench's 1-layer timing)."""
+    native = get(answer, "native_uniform")
+    if not native or answer.get("quick"):
+        return None
+    return native["frames"] / native["vision_seconds_estimate_full_tower"]
+
+
+def plot_ingest(ingest: dict | None, out: Path, answer: dict | None = None) -> Path:
     plt = _pyplot()
-    stages = ingest_stages(ingest)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    if stages:
+    stages = {STAGE_LABELS.get(k, k): v for k, v in ingest_stages(ingest).items()}
+    encoder = encoder_rtf(answer)
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    if stages or encoder:
         names = list(stages)
         ax.barh(names, [stages[n] for n in names], color="tab:green")
+        if encoder:
+            ax.barh(["SigLIP-so400m encoder, 1 fps (ESTIMATE)"], [encoder], color="lightgrey", edgecolor="black")
         ax.axvline(1.0, color="grey", linestyle=":", label="real time")
         ax.set_xscale("log")
         ax.legend(fontsize=8)
@@ -333,7 +351,8 @@ def table_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
         rows.append((f"prefill tokens per question, {label}", fmt(get(f, "vidmem", "cold", "prefill_tokens")),
                      f"{native['prefill_tokens']:,} native ({f['token_ratio']}x more)", ""))
         rows.append((f"time to first token, {label}, cold", fmt(get(f, "vidmem", "cold", "ask_to_first_token_seconds"), 2, " s"),
-                     f"{fmt(native.get('ttft_estimate_seconds'), 0, ' s')} native (ESTIMATE from this run's prefill fit; infeasible)", ""))
+                     f">= {fmt(native.get('ttft_estimate_seconds'), 0, ' s')} native LM prefill (ESTIMATE; infeasible "
+                     f"beyond the context) + {fmt(native.get('vision_estimate_seconds'), 0, ' s')} SigLIP (ESTIMATE)", ""))
         warm = get(f, "vidmem", "follow_up", "ask_to_first_token_seconds")
         cold = get(f, "vidmem", "cold", "ask_to_first_token_seconds")
         rows.append((f"time to first token, {label}, follow-up on the kept KV cache",
@@ -344,6 +363,11 @@ def table_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
         rows.append((f"native path at {nu['frames']} uniform frames: prompt tokens / LM prefill",
                      "", f"{nu['prefill_tokens']:,} tokens / {fmt(nu['prefill_seconds'], 2, ' s')} "
                          f"(+ {fmt(nu['vision_seconds_estimate_full_tower'], 1, ' s')} SigLIP, estimated)", ""))
+    if nu and not answer.get("quick"):  # the quick run's tower is the tests' tiny one
+        per_frame = nu["vision_seconds_estimate_full_tower"] / nu["frames"]
+        rows.append(("ingest's slowest stage: SigLIP-so400m (27 layers) per sampled frame, ESTIMATED from one "
+                     "full-width layer x 27", f"{per_frame:.2f} s/frame = {1 / per_frame:.2f}x real time at 1 fps "
+                     "before the static check and the STC cacher skip frames", "", ""))
     lv = get(answer, "live")
     if lv:
         warm, cold = lv["warm"]["ask_to_first_token_seconds"], lv["cold"]["ask_to_first_token_seconds"]
@@ -385,13 +409,14 @@ def table_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
                 rows.append((f"disk per second of footage ({dtype} tokens, with keyframe JPEG)",
                              f"{float(per_second) / 1000:.0f} kB ({get(disk, dtype, 'mb_per_hour')} MB/hour)", "", ""))
     for stage, rtf in ingest_stages(ingest).items():
-        rows.append((f"ingest real-time factor: {stage}", fmt(rtf, 1, "x"), "", ""))
+        rows.append((f"ingest real-time factor (test videos, mean): {STAGE_LABELS.get(stage, stage)}",
+                     fmt(rtf, 1, "x"), "", ""))
     sb = get(ingest, "static_vs_busy")
     if isinstance(sb, dict) and get(sb, "static", "encode_calls_per_minute") is not None:
         rows.append(("vision-encoder calls per minute, static vs busy footage (static check)",
                      f"{fmt(get(sb, 'static', 'encode_calls_per_minute'), 1)} vs "
                      f"{fmt(get(sb, 'busy', 'encode_calls_per_minute'), 1)}", "", ""))
-    ram = get(memory, "ram", "mb_per_1000_segments_second_half")
+    ram = get(memory, "ram", "rss_mb_per_1000_segments_second_half", default=get(memory, "ram", "mb_per_1000_segments_second_half"))
     if ram is not None:
         rows.append(("RAM growth while adding segments (MB per 1,000, second half)", fmt(ram, 2), "", ""))
     if live and "error" not in live:
@@ -408,7 +433,9 @@ def table_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def write_markdown(results: dict[str, dict], machine: dict, command: str, out: Path, plots: list[Path]) -> Path:
+def write_markdown(results: dict[str, dict], machine: dict, command: str, out: Path, plots: list[Path],
+                   runs: dict[str, str] | None = None) -> Path:
+    """`runs`: bench -> the command that produced its figures, when they come from more than one run."""
     gpu = machine.get("gpu")
     lines = [
         "# vidmem performance",
@@ -422,12 +449,17 @@ def write_markdown(results: dict[str, dict], machine: dict, command: str, out: P
         f"Reproduce: `{command}`",
         "",
     ]
+    if runs and len(set(runs.values())) > 1:
+        lines += ["Figures merged from these runs: " + "; ".join(f"{name}: `{cmd}`" for name, cmd in runs.items())
+                  + ".", ""]
     if not gpu:
         lines += [
             "CPU run: LLaVA-OneVision 0.5B's full-size architecture with random weights (timing does not depend on "
             "the weights). Absolute seconds are this machine's and only indicative; the figures to read are the "
             "ratios measured side by side in one run. Native-path times for footage over the 32k context are "
-            "ESTIMATES (least-squares fit t = a*S + b*S^2 to this run's measured prefills), marked as such.",
+            "ESTIMATES, marked as such: the longest measured prefill's seconds per token times the tokens, a lower "
+            "bound since attention grows quadratically. The SigLIP tower is built with 1 of its 27 layers (the "
+            "answer path never runs it); tower times are that layer's time x 27, also marked as estimates.",
             "",
         ]
     lines += ["| quantity | vidmem (this run) | native / baseline | paper |", "|---|---|---|---|"]
@@ -460,7 +492,10 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated benches to run (default: all)")
     parser.add_argument("--redraw", action="store_true", help="no runs: redraw from OUT/results.jsonl")
     parser.add_argument("--out", help="output folder (default docs/, or docs/quick/ with --quick)")
+    parser.add_argument("--bench-args", action="append", default=[], metavar="NAME=ARGS",
+                        help='extra arguments for one bench, e.g. memory="--sizes 10000,100000" (repeatable)')
     args = parser.parse_args()
+    extras = dict(item.split("=", 1) for item in args.bench_args)
     import torch
 
     gpu = args.gpu or torch.cuda.is_available()
@@ -473,6 +508,7 @@ def main() -> None:
     command = "python bench/report.py" + (" --quick" if args.quick else "") + (" --gpu" if gpu else "")
     if args.only:
         command += f" --only {','.join(names)}"
+    command += "".join(f" --bench-args {shlex.quote(item)}" for item in args.bench_args)
     machine = machine_info()
     results: dict[str, dict] = {}
     if args.redraw:
@@ -488,14 +524,17 @@ def main() -> None:
         # --only re-runs some benches and keeps the others' last figures (each line keeps its own machine and date)
         kept = _saved(out) if args.only else {}
         for name in names:
-            kept[name] = {"machine": machine, "command": command, **run_bench(name, quick=args.quick, gpu=gpu)}
+            kept[name] = {"machine": machine, "command": command,
+                          **run_bench(name, quick=args.quick, gpu=gpu, extra=extras.get(name, ""))}
         order = [n for n in BENCHES if n in kept]
         results = {n: {k: v for k, v in kept[n].items() if k not in ("machine", "command")} for n in order}
         (out / "results.jsonl").write_text("".join(json.dumps(results[n]) + "\n" for n in order))
         (out / "results-machine.jsonl").write_text("".join(json.dumps(kept[n]) + "\n" for n in order))
-    plots = [plot_tokens(results.get("answer"), out), plot_ingest(results.get("ingest"), out),
+    plots = [plot_tokens(results.get("answer"), out), plot_ingest(results.get("ingest"), out, results.get("answer")),
              plot_search(results.get("memory"), out), plot_ttft(results.get("answer"), out)]
-    markdown = write_markdown(results, machine, command, out, plots)
+    runs = {name: entry.get("command", command) for name, entry in _saved(out).items() if name in results}
+    reproduce = "python bench/report.py" + (" --quick" if args.quick else "") + (" --gpu" if gpu else "")
+    markdown = write_markdown(results, machine, reproduce if len(set(runs.values())) > 1 else command, out, plots, runs)
     summary = {"bench": "report", "quick": args.quick, "gpu": gpu, "out": str(out),
                "ran": names if not args.redraw else [], "failed": [n for n, r in results.items() if "error" in r],
                "files": [str(p.relative_to(out)) for p in [*plots, markdown]]}

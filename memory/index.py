@@ -42,7 +42,7 @@ from vidmem.errors import MemoryStoreError
 
 log = logging.getLogger(__name__)
 
-BATCH = 50_000  # vectors read from SQLite per batch when rebuilding or catching up
+BATCH = 10_000  # vectors read from SQLite per batch when rebuilding or catching up (bounds the transient RAM)
 TRAIN_PER_LIST = 40  # k-means sample size per IVF list (faiss warns below 39)
 GPU_RECOPY_SECONDS = 30.0  # a changed index is copied to the GPU again at most this often
 KMEANS_ITERATIONS = 10  # faiss's default is 25; 10 loses no measurable recall here and trains 2.5x faster
@@ -227,15 +227,17 @@ class VectorIndex:
                 mask &= self.end[lo:n] >= since
             if until is not None:
                 mask &= self.start[lo:n] <= until
-            cand = np.flatnonzero(mask) + lo
-            if len(cand) == 0:
+            selected = int(np.count_nonzero(mask))
+            if selected == 0:
                 return []
-            if len(cand) <= self.options.exact_max:
-                scores, ids = self._exact(q, cand, k)
+            if selected <= self.options.exact_max:
+                scores, ids = self._exact(q, np.flatnonzero(mask) + lo, k)
             else:
-                full = np.zeros(n, bool)
-                full[lo:] = mask
-                scores, ids = self._selected_search(q, k, full, len(cand))
+                if lo:
+                    full = np.zeros(n, bool)
+                    full[lo:] = mask
+                    mask = full
+                scores, ids = self._selected_search(q, k, mask, selected)
         return [(int(i) + self.base, int(self.seg[i]), float(s)) for s, i in zip(scores, ids) if i >= 0]
 
     def _plain_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -352,7 +352,8 @@ class Memory:
         """The segment's (N, D) float16 tokens, memory-mapped; raises MemoryStoreError on a checksum mismatch."""
         seg_id = row if isinstance(row, int) else row.id
         name, chunk, offset, nbytes, crc, n, d, dtype, _, _ = self._locate(seg_id)
-        view = self._files.view(name, chunk, offset, nbytes)
+        with self._lock:  # the mapping cache is shared by threads
+            view = self._files.view(name, chunk, offset, nbytes)
         if tok.checksum(view) != crc:
             raise MemoryStoreError(f"segment {seg_id} of stream {name!r} failed its checksum; its token file "
                                    f"{self._files.path(name, chunk)} is damaged.")
@@ -363,7 +364,8 @@ class Memory:
         name, chunk, offset, nbytes, _, _, _, _, jpeg_bytes, jpeg_crc = self._locate(seg_id)
         if not jpeg_bytes:
             return None
-        view = self._files.view(name, chunk, offset + nbytes, jpeg_bytes)
+        with self._lock:
+            view = self._files.view(name, chunk, offset + nbytes, jpeg_bytes)
         if tok.checksum(view) != jpeg_crc:
             raise MemoryStoreError(f"the keyframe of segment {seg_id} failed its checksum.")
         return bytes(view)
@@ -450,16 +452,26 @@ class Memory:
 
     # -- search ------------------------------------------------------------------------------------------
     def search(self, query: np.ndarray, *, k: int = 32, streams: list[str] | None = None,
-               since: float | None = None, until: float | None = None) -> list[tuple[SegmentRow, float]]:
-        """Segments whose keyframe (or caption) embedding best matches `query`, best first, by inner product."""
+               since: float | None = None, until: float | None = None,
+               kinds: list[str] | None = None) -> list[tuple[SegmentRow, float]]:
+        """Segments whose keyframe (or caption) embedding best matches `query`, best first, by inner product.
+
+        kinds: which indexes to search ("image", "caption"); by default every index as wide as the query, and
+        a segment found in both counts once, with its better score.
+        """
         indexes = self._index_set()
         if indexes is None or k <= 0:
             return []
         q = np.asarray(query, dtype=np.float32).reshape(-1)  # (E,)
-        kinds = [kind for kind, dim in indexes.dims.items() if dim == q.shape[0]]
+        if kinds is not None and not set(kinds) <= {"image", "caption"}:
+            raise ConfigError(f"unknown index kinds {sorted(set(kinds) - {'image', 'caption'})}; use image or caption.")
+        wanted = [kind for kind in indexes.dims if kinds is None or kind in kinds]
+        if not wanted:
+            return []  # e.g. captions asked for before any caption was stored
+        kinds = [kind for kind in wanted if indexes.dims[kind] == q.shape[0]]
         if not kinds:
-            raise ConfigError(f"the query embedding has width {q.shape[0]}; this memory's embeddings have width "
-                              f"{', '.join(str(d) for d in sorted(set(indexes.dims.values())))}.")
+            raise ConfigError(f"the query embedding has width {q.shape[0]}; this memory's {'/'.join(wanted)} "
+                              f"embeddings have width {', '.join(str(indexes.dims[w]) for w in wanted)}.")
         stream_ids = None
         if streams is not None:
             with self._lock:
@@ -473,6 +485,13 @@ class Memory:
         ranked = sorted(best.items(), key=lambda kv: -kv[1])[:k]
         rows = self._rows_by_id([seg for seg, _ in ranked])
         return [(rows[seg], score) for seg, score in ranked if seg in rows]
+
+    @property
+    def caption_dim(self) -> int | None:
+        """Width of the caption embeddings once the first one is stored, else None."""
+        with self._lock:
+            value = self._meta("caption_dim")
+        return int(value) if value else None
 
     def rebuild_index(self) -> None:
         """Drop the FAISS indexes and rebuild them from the vectors stored in SQLite."""

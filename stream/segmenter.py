@@ -21,6 +21,7 @@ import numpy as np
 
 from vidmem.stream.types import MAX_SEGMENT_FRAMES, Frame, Segment
 
+MIN_SPAN = 1e-3  # seconds: the shortest time range a segment may have
 STATIC_THUMB = (64, 36)  # (width, height) of the grey thumbnails the static check compares
 
 
@@ -64,7 +65,8 @@ class Segmenter:
         if cur is None:
             return []
         last = cur.frames[-1].ts
-        cur.end = last + self.period if end is None else max(min(last + self.period, end), last)
+        # Never an empty range, even for a one-frame video or a gap right after the last frame.
+        cur.end = last + self.period if end is None else max(min(last + self.period, end), last + MIN_SPAN)
         return [cur]
 
     def gap(self, start: float, end: float) -> list[Segment]:

@@ -32,6 +32,8 @@ from typing import Generic, TypeVar
 import cv2
 import numpy as np
 
+from vidmem.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -50,7 +52,9 @@ class ShotOptions:
 
     def __post_init__(self) -> None:
         if self.window < 1:
-            raise ValueError("ShotOptions.window must be at least 1.")
+            raise ConfigError(f"shots.window must be at least 1 frame, not {self.window}.")
+        if self.adaptive_threshold <= 0 or self.min_score < 0 or self.min_shot_seconds < 0:
+            raise ConfigError("shots.adaptive_threshold must be positive, min_score and min_shot_seconds not negative.")
 
 
 def thumbnail(image: np.ndarray, width: int = THUMB_WIDTH) -> np.ndarray:

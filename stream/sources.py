@@ -1,18 +1,20 @@
 """Video sources behind one interface: files, network URLs, cameras, and frames pushed in by the live server.
 
-Every source is an async iterator of decoded frames (`Source.frames()`): RGB uint8, rotation applied, timestamps
-in seconds. Decoding is blocking PyAV work and never runs on the event loop:
+Every source is an async iterator of decoded frames (`Source.frames()`): RGB uint8, rotation applied, shrunk to
+`MAX_SIDE` pixels on the longest side (the vision encoder sees 384), timestamps in seconds. Decoding is blocking
+PyAV work with FFmpeg's frame threads, and never runs on the event loop:
 
-- a file is pulled: each step decodes a few frames in a worker thread (`asyncio.to_thread`), so a slow consumer
-  simply slows decoding down (backpressure, nothing dropped);
+- a file is pulled: worker threads (`asyncio.to_thread`) decode 8 frames at a time, one chunk ahead of the
+  consumer, so a slow consumer simply slows decoding down (backpressure, nothing dropped);
 - a live source (URL, camera) is pushed: a reader thread decodes continuously into a bounded queue and drops
-  (and counts) the frames that do not fit, because the camera will not wait;
+  the newest frame (counted in `dropped`) when the queue is full, because a camera will not wait;
 - `PushSource` is fed from the event loop by the websocket server, with the same drop rule.
 
 Timestamps: seconds from the start for files and for recorded HTTP video (a URL whose container declares a
-duration); unix seconds for live sources, anchored on the wall clock at the first frame of each connection.
-A live URL that fails mid-way is reconnected with exponential backoff; the lost stretch is recorded in `gaps`
-(never hidden) and after `max_reconnects` failed attempts in a row the source ends with `SourceError`.
+duration: it is read like a file, and a failure ends it); unix seconds for live sources, anchored on the wall
+clock at the first frame of each connection. A live URL that fails to connect at first is an error; one that
+fails mid-way is reconnected with exponential backoff, the lost stretch is recorded in `gaps` (never hidden),
+and after `max_reconnects` failed attempts in a row the source ends with `SourceError`.
 """
 from __future__ import annotations
 
@@ -110,6 +112,8 @@ class FileSource(Source):
                 out.append(frame)
                 if len(out) >= n:
                     break
+            if not out and self._clock.last is None:
+                raise SourceError(f"Video file {self.name} has no decodable video frames.")
             if not out and decode.is_truncated(self._clock.last, self._clock.frame_duration, self.duration):
                 raise SourceError(f"Video file {self.name} is truncated: it ends at {self._clock.last or 0:.1f} s "
                                   f"of a declared {self.duration:.1f} s.")
@@ -153,14 +157,14 @@ class _LiveSource(Source):
 
     live = True
 
-    def __init__(self, *, max_pending: int = LIVE_QUEUE, max_reconnects: int = 5, backoff: float = 0.5,
+    def __init__(self, *, max_pending: int = LIVE_QUEUE, max_reconnects: int | None = 5, backoff: float = 0.5,
                  max_backoff: float = 30.0, max_side: int | None = MAX_SIDE) -> None:
         self.gaps = []
         self.max_side = max_side
         self.dropped = 0
         self.reconnects = 0  # successful reconnections
         self._max_pending = max_pending
-        self._max_reconnects = max_reconnects  # failed attempts in a row before giving up
+        self._max_reconnects = max_reconnects  # failed attempts in a row before giving up; None: never give up
         self._backoff = backoff  # seconds before the first retry; doubles up to max_backoff
         self._max_backoff = max_backoff
         self._stop = threading.Event()
@@ -207,6 +211,7 @@ class _LiveSource(Source):
         failures = 0
         last_ts: float | None = None
         gap_start: float | None = None  # set while a lost stretch awaits its first frame after reconnecting
+        step = 0.04  # seconds between the last two frames: how long the last frame lasts
         while not self._stop.is_set():
             recorded = self._recorded(container)
             if recorded:
@@ -215,13 +220,15 @@ class _LiveSource(Source):
                 self.duration = decode.stream_duration(container, stream, decode.stream_clock(container, stream).origin)
             error: SourceError | None = None
             try:
-                for frame in self._decode_connection(container, recorded, not_before=last_ts):
+                for frame in self._decode_connection(container, recorded, not_before=gap_start):
                     if self._stop.is_set():
                         return
                     failures = 0
                     if gap_start is not None:
                         self._send((gap_start, frame.ts))  # in order with the frames: the consumer records it
                         gap_start = None
+                    elif last_ts is not None and frame.ts > last_ts:
+                        step = frame.ts - last_ts
                     last_ts = frame.ts
                     if recorded:  # a recording waits for the consumer instead of dropping
                         while not self._slots.acquire(timeout=0.2):
@@ -238,11 +245,11 @@ class _LiveSource(Source):
                 return
             # A live stream ended or failed: reconnect with exponential backoff; the gap is recorded when
             # frames flow again (or when giving up).
-            if gap_start is None:
-                gap_start = last_ts if last_ts is not None else time.time()
+            if gap_start is None:  # the lost stretch begins where the last frame ends
+                gap_start = last_ts + step if last_ts is not None else time.time()
             logger.warning("%s: %s; reconnecting", self.name, error or "stream ended")
             while not self._stop.is_set():
-                if failures >= self._max_reconnects:
+                if self._max_reconnects is not None and failures >= self._max_reconnects:
                     self._send((gap_start, max(gap_start, time.time())))
                     raise SourceError(f"Video source {self.name} was lost and {failures} reconnection attempts "
                                       f"failed.") from error
@@ -262,8 +269,8 @@ class _LiveSource(Source):
                            not_before: float | None = None) -> Iterator[Frame]:
         """One connection's frames; live timestamps are unix seconds anchored at its first frame.
 
-        A feed may burst ahead of the wall clock (HLS delivers whole segments); the next connection's first
-        frame is then placed just after `not_before`, the last frame delivered, so time never runs backwards.
+        A feed may burst ahead of the wall clock (HLS delivers whole segments); a reconnection's first frame is
+        then placed at `not_before` (where the last frame delivered ends), so time never runs backwards.
         """
         if recorded:
             yield from decode.decode_frames(container, name=self.name, max_side=self.max_side)
@@ -273,7 +280,7 @@ class _LiveSource(Source):
         anchor: float | None = None
         for frame in decode.decode_frames(container, name=self.name, clock=clock, max_side=self.max_side):
             if anchor is None:
-                now = time.time() if not_before is None else max(time.time(), not_before + clock.frame_duration)
+                now = time.time() if not_before is None else max(time.time(), not_before)
                 anchor = now - frame.ts
             yield Frame(ts=anchor + frame.ts, image=frame.image)
 
@@ -443,11 +450,13 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def open_source(spec: str | os.PathLike[str], *, open_timeout: float = 10.0, read_timeout: float = 10.0,
-                max_reconnects: int = 5, max_side: int | None = MAX_SIDE) -> Source:
+                max_reconnects: int | None = 5, max_side: int | None = MAX_SIDE) -> Source:
     """A source for a file path, a network URL, or a camera (`/dev/video0`, `camera:0`).
 
     A file is opened (and so checked) right away: missing, empty or non-video files raise SourceError here.
     A URL or camera connects when `frames()` is first iterated, in a thread, within `open_timeout` seconds.
+    `max_reconnects`: failed reconnection attempts in a row before a live source gives up (None: never; a
+    24/7 monitor wants that); the backoff doubles from 0.5 s up to 30 s.
     `max_side`: frames are shrunk to this longest side while decoding (None keeps the full size).
     """
     text = os.fspath(spec)

@@ -11,6 +11,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vidmem reliability")
+    group.addoption("--soak", action="store_true", default=False,
+                    help="long reliability runs: a 10-minute soak (VIDMEM_SOAK_S), more kills and fuzzed inputs")
+
+
 def _testdata_dir() -> Path:
     return Path(os.environ.get("VIDMEM_TESTDATA", REPO.parent / "shared" / "testdata")).resolve()
 

@@ -47,7 +47,7 @@ def write_y4m(video: Path, out: Path, *, seconds: float = 4.0, fps: int = 10, wi
 
 
 def health(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz?token={TOKEN}", timeout=10) as response:
         return json.load(response)
 
 

@@ -268,13 +268,18 @@ def test_a_missing_or_wrong_token_is_refused_at_the_handshake(live):
 
 def test_the_page_and_the_health_check_are_served_over_http(live):
     base = f"http://127.0.0.1:{live.server.port}"
-    with urllib.request.urlopen(base + "/", timeout=10) as response:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(base + "/", timeout=10)
+    assert refused.value.code == 401, "with a token configured, the page is only served to whoever has it"
+    with urllib.request.urlopen(base + f"/?token={TOKEN}", timeout=10) as response:
         page = response.read().decode()
         assert response.headers["Content-Type"].startswith("text/html")
     assert "app.js" in page and "question" in page
     with urllib.request.urlopen(base + "/app.js", timeout=10) as response:
         assert "getUserMedia" in response.read().decode()
     with urllib.request.urlopen(base + "/healthz", timeout=10) as response:
+        assert json.load(response) == {"status": "ok"}, "without the token, liveness only: no stream names"
+    with urllib.request.urlopen(base + f"/healthz?token={TOKEN}", timeout=10) as response:
         health = json.load(response)
     assert health["status"] == "ok" and isinstance(health["streams"], list) and health["clients"] >= 0
     with pytest.raises(urllib.error.HTTPError) as missing:

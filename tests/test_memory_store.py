@@ -333,3 +333,17 @@ def test_readonly_and_closed_memories_refuse_writes_clearly(tmp_path: Path) -> N
     (tmp_path / "file").write_text("not a memory")
     with pytest.raises(MemoryStoreError, match="is a file"):
         Memory.open(tmp_path / "file")
+
+
+def test_search_can_be_limited_to_keyframes_or_captions_of_the_same_width(memory: Memory) -> None:
+    rng = np.random.default_rng(14)
+    rows = [add(memory, rng, "cam", 4.0 * i)[0] for i in range(6)]
+    query = unit(rng)
+    assert memory.caption_dim is None and memory.search(query, kinds=["caption"]) == []
+    memory.set_caption(rows[4].id, "a dog on the sofa", query)  # caption embeddings as wide as keyframe ones
+    assert memory.caption_dim == E
+    assert [r.id for r, _ in memory.search(query, k=5, kinds=["caption"])] == [rows[4].id]
+    assert rows[4].id not in [r.id for r, _ in memory.search(query, k=1, kinds=["image"])]
+    assert memory.search(query, k=1)[0][0].id == rows[4].id  # both indexes, best score per segment
+    with pytest.raises(ConfigError):
+        memory.search(query, kinds=["audio"])

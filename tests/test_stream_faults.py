@@ -73,6 +73,19 @@ def test_truncated_file_keeps_the_segments_completed_before_the_fault(tmp_path: 
     assert sink.ranges == [(0.0, 4.0), (4.0, 8.0)]
 
 
+def test_a_file_cut_right_after_its_header_stores_nothing(tmp_path: Path):
+    whole = tmp_path / "whole.mp4"
+    write_video(whole, busy_scene(50, fps=10), fps=10, faststart=True)
+    data = whole.read_bytes()
+    path = tmp_path / "header-only.mp4"
+    path.write_bytes(data[: data.find(b"mdat") + 104])  # the index, then almost no picture data
+    sink = RecordingSink()
+    with pytest.raises(SourceError) as err:
+        run_ingest(open_source(path), sink)
+    _one_sentence(err.value)
+    assert sink.segments == [] and sink.encode_calls == 0
+
+
 def test_truncated_index_is_refused_on_open(videos, tmp_path: Path):
     data = videos["bikes.mp4"]["file"].read_bytes()  # its index (moov) is at the end
     path = tmp_path / "bikes-part.mp4"
@@ -275,3 +288,23 @@ def test_a_live_stream_that_dies_ends_in_source_error_after_the_retries(live_ts:
     assert time.monotonic() - started < 30
     assert sink.segments  # what was completed before the loss stays stored
     assert all(a1 <= b0 for (_, a1), (b0, _) in zip(sink.ranges, sink.ranges[1:]))
+
+
+def test_a_live_url_behind_a_slow_encoder_drops_frames_and_counts_them(live_ts: bytes):
+    sink = RecordingSink(encode_delay=0.3)
+
+    async def run():
+        source = open_source(server.url, open_timeout=3, read_timeout=3)
+        stop = asyncio.Event()
+        options = IngestOptions(fps=5.0, queue_size=1, batch_segments=1, static_threshold=0)
+        task = asyncio.create_task(ingest(source, sink, stream="cam", options=options, stop=stop))
+        while not (source.dropped and sink.segments) and not task.done():
+            await asyncio.sleep(0.05)
+        stop.set()
+        return await asyncio.wait_for(task, 20), source
+
+    with _VideoServer(live_ts, content_length=False, plan=[]) as server:  # bursts 12 s of video at once
+        report, source = asyncio.run(run())
+    assert report.dropped_frames == source.dropped > 0
+    assert report.decoded_frames + report.dropped_frames <= server.connections * 120
+    assert sink.segments and all(a1 <= b0 for (_, a1), (b0, _) in zip(sink.ranges, sink.ranges[1:]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 from pathlib import Path
 
@@ -26,6 +27,12 @@ def _frame_index(seconds: float, fps: float) -> int:
     return round(seconds * fps)
 
 
+@functools.lru_cache(maxsize=None)
+def _ingested(path: Path):
+    """One default ingest per real video, shared by the tests that only read its result."""
+    return run_ingest(open_source(path))
+
+
 @pytest.mark.parametrize(("name", "expected"), [
     ("bikes.mp4", [30, 76, 137, 187, 242]),
     ("testvideo.mp4", [30, 180, 394]),  # ContentDetector's ground truth: hard cuts, not the fades
@@ -35,7 +42,7 @@ def test_cuts_match_ground_truth_within_one_frame(videos, name, expected):
     entry = videos[name]
     truth = entry.get("expected_cuts", entry.get("expected_cuts_by_detector", {}).get("ContentDetector"))
     assert truth == expected
-    report, sink = run_ingest(open_source(entry["file"]))
+    report, sink = _ingested(entry["file"])
     fps = entry["probe"]["avg_fps"]
     found = [_frame_index(c, fps) for c in report.cuts]
     assert _f1(found, expected) >= 0.9, (found, expected)
@@ -47,7 +54,7 @@ def test_cuts_match_ground_truth_within_one_frame(videos, name, expected):
 @pytest.mark.parametrize("name", ["bikes.mp4", "testvideo.mp4", "bigbuckbunny.mp4", "test.mp4"])
 def test_segment_ranges_are_ordered_and_inside_the_video(videos, name):
     entry = videos[name]
-    report, sink = run_ingest(open_source(entry["file"]))
+    report, sink = _ingested(entry["file"])
     duration = entry["probe"]["container_duration_s"]
     ranges = sink.ranges
     assert ranges and ranges[0][0] == 0.0

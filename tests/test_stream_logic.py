@@ -199,3 +199,22 @@ def test_static_check_stores_a_fresh_segment_after_max_seconds():
     kinds = [check.repeats(Segment("s", [_frame(t, 100)], end=t + 4)) for t in range(0, 40, 4)]
     # Stored at 0; reused while the stored one would cover <= 10 s; stored afresh at 8, 16, ...
     assert kinds == [False, True, False, True, False, True, False, True, False, True]
+
+
+def test_content_score_is_pyscenedetects_content_val():
+    import cv2
+    from scenedetect import ContentDetector, FrameTimecode, StatsManager
+
+    from vidmem.stream.shots import content_score, thumbnail
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (72, 128, 3), dtype=np.uint8) for _ in range(3)]  # narrower than the thumbnail
+    detector, stats = ContentDetector(), StatsManager()
+    detector.stats_manager = stats
+    theirs = []
+    for i, image in enumerate(images):
+        timecode = FrameTimecode(i, fps=25.0)
+        detector.process_frame(timecode, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        theirs.append(stats.get_metrics(timecode, ["content_val"])[0])
+    ours = [content_score(thumbnail(a), thumbnail(b)) for a, b in zip(images, images[1:])]
+    assert ours == pytest.approx(theirs[1:], rel=1e-9)

@@ -11,12 +11,6 @@ import os
 import pytest
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("vidmem reliability")
-    group.addoption("--soak", action="store_true", default=False,
-                    help="long reliability runs: a 10-minute soak (VIDMEM_SOAK_S), more kills and fuzzed inputs")
-
-
 def soak_enabled(config: pytest.Config) -> bool:
     try:
         flag = bool(config.getoption("--soak"))
@@ -29,3 +23,15 @@ def soak_enabled(config: pytest.Config) -> bool:
 def soak(request: pytest.FixtureRequest) -> bool:
     """True for the long runs (--soak or VIDMEM_SOAK=1)."""
     return soak_enabled(request.config)
+
+
+@pytest.fixture(autouse=True)
+def quiet_progress_bars(monkeypatch: pytest.MonkeyPatch):
+    """The `vidmem` script silences transformers' progress bars before importing it; tests that call the CLI
+    in-process (`vidmem.agents.cli.main`) have it imported already, so they silence them here."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()

@@ -23,17 +23,6 @@ from vidmem.agents.cli import main as vidmem_main
 from vidmem.stream.synth import busy_scene, write_video
 
 
-@pytest.fixture(autouse=True)
-def quiet_progress_bars(monkeypatch):
-    """The `vidmem` script silences transformers' progress bars before importing it; in-process it is imported."""
-    from transformers.utils import logging as hf_logging
-
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    hf_logging.disable_progress_bar()
-    yield
-    hf_logging.enable_progress_bar()
-
-
 def ingest(capfd, source, memory: Path, tiny, *extra: str) -> tuple[int, str, str, float]:  # noqa: ANN001
     started = time.monotonic()
     code = vidmem_main(["ingest", str(source), "--stream", "cam", "--json", "--no-progress", "--memory", str(memory),

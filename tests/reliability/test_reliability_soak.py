@@ -17,7 +17,7 @@ from services import free_port
 from test_reliability_fuzz import jpegs
 from websockets.sync.client import connect
 
-SOAK_CI_S = 40.0
+SOAK_CI_S = 60.0  # the live KV window (32 s of footage) must fill before RAM can be flat
 GROWTH_LIMIT = 64 * 2**20  # bytes the server may grow over the second half of the run
 FPS = 3.0  # camera frames per second sent
 ASK_EVERY_S = 5.0
@@ -80,9 +80,10 @@ def test_live_ingest_with_periodic_questions_keeps_resident_memory_flat(tmp_path
             server.wait()
     assert errors == []
     assert answers >= seconds / ASK_EVERY_S / 3, answers
+    # warm-up (models, allocator arenas, the live window filling) is over by half time; from then on RSS stays flat
     half = [rss for t, rss in samples if t >= seconds / 2]
-    quarter = [rss for t, rss in samples if seconds / 4 <= t < seconds / 2]
-    growth = max(half) - statistics.median(quarter)
+    baseline = [rss for t, rss in samples if seconds / 2 <= t < seconds / 2 + 10]
+    growth = max(half) - statistics.median(baseline)
     print(json.dumps({"soak_seconds": seconds, "frames_sent": sent, "answers": answers,
                       "rss_mb_start": round(samples[0][1] / 2**20, 1), "rss_mb_end": round(samples[-1][1] / 2**20, 1),
                       "rss_growth_second_half_mb": round(growth / 2**20, 1)}))
