@@ -297,14 +297,17 @@ class Answerer:
         extra: Sequence[Pick] = (),
         prefix: KeptPrefix | None = None,
         keep: bool = True,
+        started: float | None = None,
     ) -> Answer:
         """Answer `question` from `picks` (kept as a reusable prefix), plus `extra` picks prefilled with the question.
 
         With `prefix` given (a live window), its cache is used and `picks` is ignored. Otherwise the answerer keeps
         the prefix of its last question and reuses it when the evidence is the same (a follow-up question);
-        `keep=False` answers without touching that kept prefix (captions written during ingest).
+        `keep=False` answers without touching that kept prefix (captions written during ingest). `started`
+        (a `time.perf_counter()` value) moves the start of the clock for `ttft_seconds` earlier, to include work
+        the caller did for this question first.
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         with self.lock:
             question_ids = self._ids(question)
             if question_ids.shape[0] > self.vlm.context_length // 2:

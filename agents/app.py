@@ -10,6 +10,7 @@ import asyncio
 import io
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -135,22 +136,23 @@ class Vidmem:
     @property
     def memory(self):
         """The memory directory, opened on first use (so a model that fails to load leaves no trace on disk)."""
-        with self._lock:
-            if self._memory is None:
-                from vidmem.memory import Memory
+        from vidmem.memory import Memory
 
-                self._memory = Memory.open(self.settings.memory, readonly=self.readonly)
-            return self._memory
+        return self._once("_memory", lambda: Memory.open(self.settings.memory, readonly=self.readonly))
 
     # ---- lazily loaded models -----------------------------------------------------------------------
+    def _once(self, attribute: str, load: Callable[[], object]):
+        """The value of `attribute`, loaded by `load()` on first use (thread-safe)."""
+        with self._lock:
+            if getattr(self, attribute) is None:
+                setattr(self, attribute, load())
+            return getattr(self, attribute)
+
     @property
     def vlm(self):
-        with self._lock:
-            if self._vlm is None:
-                from vidmem.agents.models import load_vlm
+        from vidmem.agents.models import load_vlm
 
-                self._vlm = load_vlm(self.settings.model, device=self.settings.device)
-            return self._vlm
+        return self._once("_vlm", lambda: load_vlm(self.settings.model, device=self.settings.device))
 
     @property
     def encoder(self):
@@ -158,12 +160,9 @@ class Vidmem:
 
     @property
     def embedder(self):
-        with self._lock:
-            if self._embedder is None:
-                from vidmem.agents.models import load_embedder
+        from vidmem.agents.models import load_embedder
 
-                self._embedder = load_embedder(self.settings.embedder, device=self.settings.device)
-            return self._embedder
+        return self._once("_embedder", lambda: load_embedder(self.settings.embedder, device=self.settings.device))
 
     @property
     def compressor_dtype(self) -> torch.dtype:
@@ -171,10 +170,7 @@ class Vidmem:
 
     @property
     def compressor(self):
-        with self._lock:
-            if self._compressor is None:
-                self._compressor = self._load_compressor()
-            return self._compressor
+        return self._once("_compressor", self._load_compressor)
 
     def _load_compressor(self):
         from vidmem.compressors import build_compressor
@@ -193,12 +189,8 @@ class Vidmem:
 
     @property
     def answerer(self) -> Answerer:
-        with self._lock:
-            if self._answerer is None:
-                self._answerer = Answerer(
-                    self.vlm, max_new_tokens=self.settings.max_new_tokens, prune=self.settings.prune
-                )
-            return self._answerer
+        settings = self.settings
+        return self._once("_answerer", lambda: Answerer(self.vlm, max_new_tokens=settings.max_new_tokens, prune=settings.prune))
 
     def compressor_tag(self) -> str:
         """The compressor's name, plus a digest of its trained weights when a checkpoint is used."""
@@ -261,12 +253,10 @@ class Vidmem:
 
     @property
     def caption_embedder(self):
-        with self._lock:
-            if self._caption_embedder is None:
-                from vidmem.agents.models import load_caption_embedder
+        from vidmem.agents.models import load_caption_embedder
 
-                self._caption_embedder = load_caption_embedder(self.settings.caption_embedder, device=self.settings.device)
-            return self._caption_embedder
+        settings = self.settings
+        return self._once("_caption_embedder", lambda: load_caption_embedder(settings.caption_embedder, device=settings.device))
 
     def caption(self, row) -> str:
         """Describe one stored segment with the VLM and index the caption's text embedding (blocking)."""
@@ -276,7 +266,7 @@ class Vidmem:
         return text
 
     def _has_captions(self) -> bool:
-        return bool(self.memory._meta("caption_dim"))  # set once the first caption embedding is stored
+        return bool(self.memory.caption_dim)  # set once the first caption embedding is stored
 
     # ---- questions ----------------------------------------------------------------------------------
     def _check_streams(self, streams: Sequence[str] | None) -> list[str] | None:
@@ -313,11 +303,11 @@ class Vidmem:
         if query is None:
             query = self.embedder.embed_texts([question])[0]
         opts = options or SelectOptions()
-        candidates = self.memory.search(query, k=opts.candidates, streams=streams, since=since, until=until)
+        where = dict(k=opts.candidates, streams=streams, since=since, until=until)
+        candidates = self.memory.search(query, kinds=["image"], **where)
         if self._has_captions():
             text_query = self.caption_embedder.embed_texts([question])[0]
-            by_caption = self.memory.search(text_query, k=opts.candidates, streams=streams, since=since, until=until)
-            candidates = fuse(candidates, by_caption)
+            candidates = fuse(candidates, self.memory.search(text_query, kinds=["caption"], **where))
         from dataclasses import replace
 
         if budget < 1:
@@ -379,7 +369,9 @@ class Vidmem:
             kept = self.live.get(stream)
             if kept is not None:
                 have = {p.row.id for p in kept.picks}
-                new = [p for p in picks if p.row.id not in have]
+                newest = kept.picks[-1].row.start if kept.picks else float("-inf")
+                # Only what came after the kept window: rows a rebuild left out stay out (time order holds).
+                new = [p for p in picks if p.row.id not in have and p.row.start > newest]
                 oldest = kept.picks[0].row.start if kept.picks else last.start
                 tokens = sum(p.tokens for p in kept.picks) + sum(p.tokens for p in new)
                 if oldest >= last.end - 2 * window and tokens <= self.live_token_limit:
@@ -415,6 +407,7 @@ class Vidmem:
         query: np.ndarray | None = None,
     ) -> Answer:
         """A question on a live stream: the kept window's cache plus older evidence the question retrieves."""
+        started = time.perf_counter()  # the time to first token includes bringing the window up to date
         kept = self.refresh_live(stream)
         if kept is None:
             return self.ask(question, streams=[stream], budget=budget, on_token=on_token)
@@ -428,7 +421,7 @@ class Vidmem:
         # after the kept window, out of time order; their timestamps say when they were.
         if query is None:
             query = self.embedder.embed_texts([question])[0]
-        window_hits = self.memory.search(query, k=len(kept.picks), streams=[stream], since=window_start)
+        window_hits = self.memory.search(query, k=len(kept.picks), streams=[stream], since=window_start, kinds=["image"])
         bar = max((score for _, score in window_hits), default=float("-inf"))
         try:
             older = self.select(question, streams=[stream], budget=budget - window_tokens, until=window_start, query=query)
@@ -440,7 +433,9 @@ class Vidmem:
             if p.reason == "clip" and p.score > bar and p.row.id not in have and p.row.end <= window_start
         ]
         extra.sort(key=lambda p: p.row.start)
-        return self.answerer.answer(question, [], self.memory.read_tokens, on_token=on_token, extra=extra, prefix=kept)
+        return self.answerer.answer(
+            question, [], self.memory.read_tokens, on_token=on_token, extra=extra, prefix=kept, started=started
+        )
 
     def load_models(self) -> None:
         """Load every model now (the CLI does, so a missing model fails before the memory is touched)."""

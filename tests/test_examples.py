@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 
-from conftest import REPO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_recorded_footage_example_ingests_asks_and_reports(tmp_path, tiny_models, videos):

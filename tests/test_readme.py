@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import re
 
-from conftest import REPO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _readme_commands() -> list[str]:
