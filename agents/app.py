@@ -11,7 +11,7 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -220,10 +220,9 @@ class Vidmem:
     def manifest(self):
         from vidmem.memory import Manifest
 
-        compressor = self.compressor
-        tag = self.compressor_tag()
         return Manifest(
-            encoder=self.encoder.fingerprint, encoder_name=self.encoder.name, compressor=tag, dim=self.encoder.dim,
+            encoder=self.encoder.fingerprint, encoder_name=self.encoder.name, compressor=self.compressor_tag(),
+            dim=self.encoder.dim,
             embedder=self.embedder.name, embed_dim=self.embedder.dim,
         )
 
@@ -308,8 +307,6 @@ class Vidmem:
         if self._has_captions():
             text_query = self.caption_embedder.embed_texts([question])[0]
             candidates = fuse(candidates, self.memory.search(text_query, kinds=["caption"], **where))
-        from dataclasses import replace
-
         if budget < 1:
             raise BudgetError(f"a budget of {budget} visual tokens holds nothing; give a positive --budget")
         # With the pruner on, select for the larger budget its pruning brings back within `budget`.

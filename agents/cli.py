@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import av
 import pytest
-from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 

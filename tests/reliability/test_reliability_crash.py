@@ -16,13 +16,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from rel_support import WAIT, check_consistent, cli, cli_env, committed_ids, snapshot
 
-from vidmem.memory import Manifest, Memory, Retention
+from vidmem.memory import Manifest, Memory
 
 KILLS_CI = 2  # CLI ingest kills in the bounded run (each costs a CLI start-up: ~10 s of CPU, ~30 s on 2 busy cores)
 KILLS_SOAK = 10

@@ -8,7 +8,6 @@ by tests/test_stream_faults.py. These add the memory's side: what is committed s
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import resource
 import signal
