@@ -216,39 +216,6 @@ def live(app: Vidmem, rng: np.random.Generator, pool: list[np.ndarray], segments
     }
 
 
-@torch.inference_mode()
-def legacy_decode(self, logits, cache, started, on_token):
-    """agents/answer.py's decode loop before the bench's optimisation, verbatim, to time both in one run."""
-    tokenizer = self.vlm.tokenizer
-    ids: list[int] = []
-    emitted = ""
-    ttft = 0.0
-    banned = self.banned.to(logits.device)
-    for step in range(self.max_new_tokens):
-        logits[:, banned] = float("-inf")
-        if step < self.min_new_tokens:
-            logits[:, self.stop_tensor.to(logits.device)] = float("-inf")
-        if self.repetition_penalty != 1.0 and ids:
-            seen = torch.tensor(sorted(set(ids)), device=logits.device)
-            scores = logits[:, seen]
-            logits[:, seen] = torch.where(scores > 0, scores / self.repetition_penalty, scores * self.repetition_penalty)
-        next_id = int(logits.argmax(dim=-1)[0])
-        if step == 0:
-            ttft = time.perf_counter() - started
-        if next_id in self.stop_ids:
-            break
-        ids.append(next_id)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > len(emitted):
-            if on_token is not None:
-                on_token(text[len(emitted) :])
-            emitted = text
-        if step + 1 < self.max_new_tokens:
-            logits = self._forward(self.vlm.embed_ids(torch.tensor([next_id], device=self.vlm.device)), cache)
-    final = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return final, ttft
-
-
 def clone_cache(cache, cache_class):
     """A copy of `cache`'s keys and values in a new cache of `cache_class` (no recomputation)."""
     clone = cache_class()
@@ -258,10 +225,11 @@ def clone_cache(cache, cache_class):
 
 
 def decode_speed(app: Vidmem, tokens: int, repeats: int) -> dict:
-    """ms per generated token on the kept evidence of the last question: the current loop versus the old one.
+    """ms per generated token on the kept evidence of the last question: the old cache versus the current one.
 
-    old: DynamicCache (torch.cat of the whole cache at every token) and the previous loop; new: the answerer's
-    ReservedCache and loop. Both continue from copies of the same kept prefix, alternating, best of `repeats`.
+    The answerer's own decode loop runs on both; only the cache differs. old: DynamicCache (torch.cat of the whole
+    cache at every token); new: the answerer's ReservedCache (written in place). Both continue from copies of the
+    same kept prefix, alternating, best of `repeats`.
     """
     from transformers import DynamicCache
 
@@ -270,21 +238,15 @@ def decode_speed(app: Vidmem, tokens: int, repeats: int) -> dict:
     saved = answerer.min_new_tokens, answerer.max_new_tokens, kept.cache
     answerer.max_new_tokens = tokens
     answerer.min_new_tokens = tokens  # never stop early, so both loops generate the same number of tokens
-    paths = {
-        "old": (DynamicCache, legacy_decode.__get__(answerer)),
-        "new": (answerer.cache_class, type(answerer)._decode.__get__(answerer)),
-    }
-    runs: dict[str, list[float]] = {name: [] for name in paths}
+    caches = {"old": DynamicCache, "new": answerer.cache_class}
+    runs: dict[str, list[float]] = {name: [] for name in caches}
     try:
         for _ in range(repeats):
-            for name, (cache_class, loop) in paths.items():
+            for name, cache_class in caches.items():
                 kept.cache = clone_cache(saved[2], cache_class)
-                answerer._decode = loop
                 answer = app.ask(QUESTIONS[1], follow_up=True)
                 runs[name].append((answer.seconds - answer.ttft_seconds) / max(tokens - 1, 1))
     finally:
-        if "_decode" in vars(answerer):
-            del answerer._decode
         answerer.min_new_tokens, answerer.max_new_tokens, kept.cache = saved
     out = {name: {"ms_per_token": round(1000 * min(times), 2)} for name, times in runs.items()}
     out["context_tokens"] = kept.length

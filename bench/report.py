@@ -172,11 +172,7 @@ def plot_tokens(answer: dict | None, out: Path) -> Path:
     ax.set_title("Tokens per question versus footage length")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    path = out / "tokens_per_question.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "tokens_per_question.png")
 
 
 def ingest_stages(ingest: dict | None) -> dict[str, float]:
@@ -226,10 +222,14 @@ def plot_ingest(ingest: dict | None, out: Path, answer: dict | None = None) -> P
         ax.text(0.5, 0.5, "no ingest figures in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("real-time factor (video seconds per wall second, mean over test videos)")
     ax.set_title("Ingest speed per stage")
-    path = out / "ingest_rtf.png"
+    return _save(fig, out / "ingest_rtf.png")
+
+
+def _save(fig, path: Path) -> Path:
+    """Write a finished figure as a PNG and free it."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -268,11 +268,7 @@ def plot_search(memory: dict | None, out: Path) -> Path:
     ax.set_ylabel("search latency (ms, k=32, end to end)")
     ax.set_title("Memory search latency versus memory size")
     ax.grid(True, which="both", alpha=0.3)
-    path = out / "search_latency.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "search_latency.png")
 
 
 def ttft_bars(answer: dict | None) -> list[tuple[str, float, str]]:
@@ -319,11 +315,7 @@ def plot_ttft(answer: dict | None, out: Path) -> Path:
     where = "GPU" if get(answer, "device", default="cpu").startswith("cuda") else "CPU, ratios count"
     ax.set_xlabel(f"time to first token (s, log; {where})")
     ax.set_title("Time to first token: warm (kept KV cache) versus cold")
-    path = out / "ttft.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "ttft.png")
 
 
 # ---------------------------------------------------------------------------------------------------- table
