@@ -233,10 +233,6 @@ class Answerer:
         parts.append(self._text_embeds("\n"))
         return torch.cat(parts), shown
 
-    def evidence_embeds(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> torch.Tensor:
-        """(S, H) embeddings of the timestamped evidence, in the order given."""
-        return self.evidence(picks, read_tokens)[0]
-
     def question_embeds(self, question: str) -> torch.Tensor:
         return self._text_embeds(self.tail_template.replace("{question}", question.strip()))
 

@@ -24,6 +24,9 @@ from vidmem.errors import BudgetError, ConfigError, UnknownStreamError, VidmemEr
 
 log = logging.getLogger(__name__)
 
+LIVE_WINDOW_SECONDS = 32.0  # seconds of a live stream kept prefilled (the recent window)
+LIVE_TOKEN_LIMIT = 3000  # tokens a kept live window may grow to before it is rebuilt (half the default budget)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -130,7 +133,7 @@ class Vidmem:
         self.readonly = readonly
         self._lock = threading.RLock()
         self._memory = self._vlm = self._embedder = self._compressor = self._answerer = None
-        self._caption_embedder = None
+        self._caption_embedder = self._compressor_tag = None
         self.live: dict[str, KeptPrefix] = {}  # live streams' kept KV caches of their recent window
 
     @property
@@ -193,14 +196,17 @@ class Vidmem:
         return self._once("_answerer", lambda: Answerer(self.vlm, max_new_tokens=settings.max_new_tokens, prune=settings.prune))
 
     def compressor_tag(self) -> str:
-        """The compressor's name, plus a digest of its trained weights when a checkpoint is used."""
+        """The compressor's name, plus a digest of its trained weights when a checkpoint is used (hashed once)."""
         weights = self.settings.compressor_weights
         if weights is None:
             return self.settings.compressor
-        import hashlib
 
-        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
-        return f"{self.compressor.name}@{digest}"
+        def tag() -> str:
+            import hashlib
+
+            return f"{self.compressor.name}@{hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]}"
+
+        return self._once("_compressor_tag", tag)
 
     def check_answering_weights(self) -> None:
         """A memory made with trained compressor weights is read with the projector trained beside them."""
@@ -355,7 +361,7 @@ class Vidmem:
         its own length, or a budget's worth of tokens has piled up, it is rebuilt from the newest segments.
         Called after each live segment is committed, so a question about now prefills only itself.
         """
-        window = self.settings_live_seconds
+        window = LIVE_WINDOW_SECONDS
         last = self.memory.last_segment(stream)
         if last is None:
             return None
@@ -371,24 +377,18 @@ class Vidmem:
                 new = [p for p in picks if p.row.id not in have and p.row.start > newest]
                 oldest = kept.picks[0].row.start if kept.picks else last.start
                 tokens = sum(p.tokens for p in kept.picks) + sum(p.tokens for p in new)
-                if oldest >= last.end - 2 * window and tokens <= self.live_token_limit:
+                if oldest >= last.end - 2 * window and tokens <= LIVE_TOKEN_LIMIT:
                     if new:
                         answerer.extend(kept, new, self.memory.read_tokens)
                     return kept
             self.live[stream] = kept = answerer.prefill(self._fit(picks), self.memory.read_tokens)
             return kept
 
-    settings_live_seconds = 32.0  # seconds of a live stream kept prefilled (the recent window)
-
-    @property
-    def live_token_limit(self) -> int:
-        return 3000  # tokens a kept live window may grow to before it is rebuilt (half the default budget)
-
     def _fit(self, picks: list[Pick]) -> list[Pick]:
         """The newest picks whose tokens fit the live limit, in time order."""
         kept, total = [], 0
         for pick in reversed(picks):
-            if total + pick.tokens > self.live_token_limit // 2 and kept:
+            if total + pick.tokens > LIVE_TOKEN_LIMIT // 2 and kept:
                 break
             kept.append(pick)
             total += pick.tokens
