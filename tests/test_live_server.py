@@ -380,7 +380,10 @@ def test_a_client_that_stops_reading_is_disconnected_without_holding_up_the_othe
                             sent += 1
                     except ConnectionClosed:
                         closed = True
-                    await good.send(frames[0][1])  # meanwhile the good client is served as usual
+                    # Meanwhile the good client is served as usual, sending within its frame rate so that none of
+                    # its frames is dropped by the rate limit, however many rounds the slow client lasts.
+                    await asyncio.sleep(1.5 / own.limits.max_fps)
+                    await good.send(frames[0][1])
                     await next_of(good, "ack")
                     closed = closed or live.thread.run(lambda: not [c for c in own.clients if c.stream.name == "slow"])
             await good.send(frames[1][1])
