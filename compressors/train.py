@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidmem.compressors.base import Compressor, build_compressor
+from vidmem.compressors.base import Compressor
+from vidmem.compressors.registry import build_compressor
 from vidmem.errors import ConfigError, EncoderMismatchError, ModelNotFoundError, SourceError
 
 log = logging.getLogger(__name__)
