@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vidmem.compressors.base import Compressor, build_compressor
+from vidmem.compressors import Compressor, build_compressor
 from vidmem.errors import ConfigError, EncoderMismatchError, ModelNotFoundError
 
 CHECKPOINT_FORMAT = "vidmem-compressor"  # metadata "format" of a vidmem compressor checkpoint
@@ -99,14 +99,24 @@ def read_checkpoint_config(path: Path) -> dict:
     return config
 
 
-def load_compressor(path: Path, *, encoder_fingerprint: str, dim: int) -> tuple[Compressor, dict | None]:
+def load_compressor(
+    path: Path, *, encoder_fingerprint: str, dim: int, language_model: nn.Module | None = None
+) -> tuple[Compressor, dict | None]:
     """Load a compressor checkpoint made for this vision encoder; returns (compressor, projector state or None).
 
-    A checkpoint trained on another vision encoder is refused with `EncoderMismatchError`.
+    A checkpoint trained on another vision encoder is refused with `EncoderMismatchError`; one trained together
+    with a language model (`--train-llm`) is refused with a `ConfigError` naming the model directory when
+    `language_model` is not that model.
     """
     from safetensors.torch import load_file
 
     config = read_checkpoint_config(path)
+    model_dir = config.get("model_dir")
+    if model_dir and language_model is not None and module_fingerprint(language_model) != config.get("language_model"):
+        raise ConfigError(
+            f"compressor checkpoint {path} was trained together with the language model saved in {model_dir}; "
+            f"load that model with --model {model_dir}"
+        )
     made_for = config.get("encoder_fingerprint")
     if made_for != encoder_fingerprint:
         raise EncoderMismatchError(

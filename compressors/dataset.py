@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from vidmem.errors import ConfigError, SourceError
@@ -244,6 +245,32 @@ class FeatureCache:
                 bar.update(1)
         if bar is not None:
             bar.close()
+
+
+def sampled_frames(path: Path, *, fps: float = 1.0, max_frames: int | None = None) -> list[np.ndarray]:
+    """A short video's frames as (H, W, 3) uint8 RGB, read through `vidmem.stream` and sampled at `fps` by ingest's
+    sampler (rotation applied, player timestamps, ingest's size limit); with `max_frames`, evenly spaced ones.
+
+    For tests and benches that need a clip's frames; every frame sampled is held in memory.
+    """
+    from vidmem.stream import open_source
+    from vidmem.stream.sampling import TimeSampler
+
+    async def read() -> list[np.ndarray]:
+        source, sampler, frames = open_source(str(path)), TimeSampler(fps), []
+        try:
+            async for frame in source.frames():
+                if sampler.offer(frame.ts):
+                    frames.append(frame.image)
+        finally:
+            await source.aclose()
+        return frames
+
+    frames = asyncio.run(read())
+    if max_frames is not None and len(frames) > max_frames:
+        keep = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
+        frames = [frames[i] for i in keep]
+    return frames
 
 
 def default_cache_dir() -> Path:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vidmem.compressors.base import Compressor, build_compressor
+from vidmem.compressors import Compressor, build_compressor
 from vidmem.compressors.checkpoint import (  # noqa: F401 - load_compressor and friends are imported from here too
     RunIdentity,
     TrainState,
@@ -54,6 +54,7 @@ from vidmem.compressors.dataset import (
     default_cache_dir,
     in_window,
     read_examples,
+    sampled_frames as decode_frames,  # noqa: F401 - tests and benches read clips' frames from here
     split_validation,
     thin,
 )
@@ -421,34 +422,44 @@ def train(options: TrainOptions, *, vlm: Any = None) -> TrainReport:
 
     order = batches(len(train_items), options.batch_size, seed=options.seed, start=start * per_step)
     segments_seen = 0
+    completed = start  # optimiser steps whose update is in the weights
     bar = _bar(options, trainer.compressor.name, start)
-    for step in range(start, options.steps):
-        for group in trainer.optimiser.param_groups:
-            group["lr"] = options.lr * _schedule(step, options)
-        total = 0.0
-        for _ in range(options.grad_accum):
-            picked = [train_items[i] for i in next(order)]
-            with trainer.autocast:
-                loss = torch.stack([trainer.loss(item) for item in picked]).mean() / options.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-            segments_seen += sum(len(item.segments) for item in picked)
-        torch.nn.utils.clip_grad_norm_(trainer.trainable, 1.0)
-        trainer.optimiser.step()
-        trainer.optimiser.zero_grad(set_to_none=True)
-        history["losses"].append(total)
-        done = step + 1
+    try:
+        for step in range(start, options.steps):
+            for group in trainer.optimiser.param_groups:
+                group["lr"] = options.lr * _schedule(step, options)
+            total = 0.0
+            for _ in range(options.grad_accum):
+                picked = [train_items[i] for i in next(order)]
+                with trainer.autocast:
+                    loss = torch.stack([trainer.loss(item) for item in picked]).mean() / options.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+                segments_seen += sum(len(item.segments) for item in picked)
+            torch.nn.utils.clip_grad_norm_(trainer.trainable, 1.0)
+            trainer.optimiser.step()
+            completed = step + 1
+            history["losses"].append(total)
+            trainer.optimiser.zero_grad(set_to_none=True)
+            if completed * per_step // len(train_items) > step * per_step // len(train_items) or completed == options.steps:
+                epoch_end(completed)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}")
+            if options.log_every and completed % options.log_every == 0:
+                log.info("step %d/%d loss %.4f", completed, options.steps, total)
+            if options.save_every and completed % options.save_every == 0 and completed < options.steps:
+                trainer.save(completed, history)
+    except KeyboardInterrupt:
+        if completed > start:  # keep the work done: the steps completed so far, resumable
+            trainer.set_mode(False)
+            path = trainer.save(completed, history)
+            log.warning("interrupted after step %d of %d; saved %s, continue with --resume %s",
+                        completed, options.steps, path, path)
+        raise
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
-        if options.log_every and done % options.log_every == 0:
-            log.info("step %d/%d loss %.4f", done, options.steps, total)
-        if done * per_step // len(train_items) > step * per_step // len(train_items) or done == options.steps:
-            epoch_end(done)
-        if options.save_every and done % options.save_every == 0 and done < options.steps:
-            trainer.save(done, history)
-    if bar is not None:
-        bar.close()
+            bar.close()
     trainer.set_mode(False)
     path = trainer.save(options.steps, history)
     return TrainReport(
