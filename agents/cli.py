@@ -284,7 +284,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from vidmem.agents.models import load_vlm
     from vidmem.compressors.checkpoint import load_state
-    from vidmem.compressors.train import TrainOptions, train
+    from vidmem.compressors.train import TrainOptions, load_examples, train
 
     options = TrainOptions(
         data=args.data, output=args.output, model=args.model, device=args.device, compressor=args.compressor,
@@ -294,10 +294,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         val=args.val, val_split=args.val_split, cache_dir=args.cache_dir, save_every=args.save_every,
         precision=args.precision, seed=args.seed, train_projector=not args.freeze_projector, train_llm=args.train_llm,
         output_model=args.output_model, progress=sys.stderr.isatty(),
-    ).validate()  # bad flags fail before a model loads
-    model = args.model
-    if args.resume is not None and model is None:
-        model = load_state(args.resume).model_dir  # a --train-llm run continues from the model it saved
+    ).validate()
+    load_examples(options)  # bad flags, data and checkpoints fail before a model loads
+    state = load_state(args.resume) if args.resume is not None else None
+    model = args.model or (state.model_dir if state is not None else None)  # --train-llm resumes its saved model
     report = train(options, vlm=load_vlm(model, device=args.device))
     payload = report.to_json()
     val = "" if report.val_loss is None else f", validation loss {report.val_loss:.4f}"

@@ -368,6 +368,14 @@ class Trainer:
         return path
 
 
+def load_examples(options: TrainOptions) -> tuple[list[Example], list[Example]]:
+    """(training, validation) examples: the validation file's, or whole videos held out by `val_split`."""
+    examples = read_examples(Path(options.data), options.objective)
+    if options.val is not None:
+        return examples, read_examples(Path(options.val), options.objective)
+    return split_validation(examples, options.val_split, seed=options.seed)
+
+
 def train(options: TrainOptions, *, vlm: Any = None) -> TrainReport:
     """Train a compressor (with the projector, and the language model if asked) and write its checkpoint.
 
@@ -380,11 +388,7 @@ def train(options: TrainOptions, *, vlm: Any = None) -> TrainReport:
         from vidmem.agents.models import load_vlm  # lazily: agents depends on compressors, not the reverse
 
         vlm = load_vlm(options.model, device=str(_device(options)))
-    train_examples = read_examples(Path(options.data), options.objective)
-    if options.val is not None:
-        val_examples = read_examples(Path(options.val), options.objective)
-    else:
-        train_examples, val_examples = split_validation(train_examples, options.val_split, seed=options.seed)
+    train_examples, val_examples = load_examples(options)
     trainer = Trainer(options, vlm)
 
     cache = FeatureCache(options.cache_dir or default_cache_dir(), vlm.encoder, fps=options.fps,
