@@ -287,7 +287,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vidmem.compressors.train import TrainOptions, load_examples, train
 
     options = TrainOptions(
-        data=args.data, output=args.output, model=args.model, device=args.device, compressor=args.compressor,
+        data=args.data, output=args.output, compressor=args.compressor,
         compressor_options=_key_values(args.compressor_option), init=args.init, resume=args.resume,
         objective=args.objective, prompt=args.prompt, steps=args.steps, lr=args.lr, warmup=args.warmup,
         batch_size=args.batch_size, grad_accum=args.grad_accum, fps=args.fps, max_frames=args.max_frames,

@@ -72,7 +72,6 @@ class TrainOptions:
 
     data: Path  # JSONL of examples (see vidmem.compressors.dataset), relative paths against its folder
     output: Path  # checkpoint file to write (.safetensors); its training state goes beside it
-    model: str | None = None  # the VLM (hub id or local directory); None: load_vlm's default for the device
     objective: str = "caption"  # "caption" (Clapper stage 1), "qa" (question answering) or "reconstruction" (SVC)
     compressor: str = "timeperceiver"  # registered compressor name
     compressor_options: dict = field(default_factory=dict)  # keyword options for build_compressor
@@ -94,7 +93,6 @@ class TrainOptions:
     val_split: float = 0.0  # else hold out this share of the training videos for validation
     cache_dir: Path | None = None  # where vision features are cached (default: default_cache_dir())
     save_every: int = 0  # also save the checkpoint and training state every this many steps (0: at the end only)
-    device: str = "auto"  # "auto", "cpu" or "cuda"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
     seed: int = 0  # seeds data order, the validation split and initialisation
     log_every: int = 10  # log the loss every this many steps
@@ -116,8 +114,6 @@ class TrainOptions:
             raise ConfigError(f"val_split must be a share in [0, 1), got {self.val_split}")
         if self.val is not None and self.val_split > 0:
             raise ConfigError("give either a validation file or val_split, not both")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got '{self.precision}'")
         if self.init is not None and self.resume is not None:
@@ -228,14 +224,6 @@ def items_of(examples: list[Example], cache: FeatureCache, options: TrainOptions
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------
-def _device(options: TrainOptions) -> torch.device:
-    if options.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but no CUDA device is available")
-    return torch.device(options.device)
-
-
 def _schedule(step: int, options: TrainOptions) -> float:
     """Learning-rate factor: linear warm-up, then cosine decay to 10% of the peak."""
     if step < options.warmup:
@@ -351,7 +339,7 @@ class Trainer:
             "objective": options.objective,
             "steps": step,
             "final_loss": sum(history["losses"][-5:]) / max(1, len(history["losses"][-5:])),
-            "model": str(getattr(self.vlm, "name", None) or options.model),
+            "model": str(self.vlm.name),
             "encoder_name": getattr(self.encoder, "name", ""),
             "language_model": module_fingerprint(self.vlm.language_model),
             "model_dir": None if model_dir is None else str(Path(model_dir).resolve()),
@@ -376,18 +364,16 @@ def load_examples(options: TrainOptions) -> tuple[list[Example], list[Example]]:
     return split_validation(examples, options.val_split, seed=options.seed)
 
 
-def train(options: TrainOptions, *, vlm: Any = None) -> TrainReport:
+def train(options: TrainOptions, *, vlm: Any) -> TrainReport:
     """Train a compressor (with the projector, and the language model if asked) and write its checkpoint.
 
-    `vlm` is the loaded VLM adapter (the CLI loads it); without it `options.model` is loaded here.
+    `vlm` is the loaded VLM adapter (`vidmem.agents.vlm.VLM`; the CLI loads it): training uses its vision
+    encoder, `compress`, `evidence_embeds`, `prompt_embeds`, `answer_loss`, its trainable parts and
+    `save_pretrained`, and never reaches inside the model.
     """
     options = options.validate()
     started = time.monotonic()
     torch.manual_seed(options.seed)
-    if vlm is None:
-        from vidmem.agents.models import load_vlm  # lazily: agents depends on compressors, not the reverse
-
-        vlm = load_vlm(options.model, device=str(_device(options)))
     train_examples, val_examples = load_examples(options)
     trainer = Trainer(options, vlm)
 
