@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import logging
 import random
@@ -56,8 +55,8 @@ class Scale:
     rule_streams: int  # held-out streams with the event, and as many without
 
 
-SCALES = {"quick": Scale(eval_clips=12, hours=1, compare_steps=40, compare_clips=8, rule_streams=4),
-          "full": Scale(eval_clips=40, hours=3, compare_steps=300, compare_clips=24, rule_streams=10)}
+SCALES = {"quick": Scale(eval_clips=10, hours=1, compare_steps=12, compare_clips=3, rule_streams=3),
+          "full": Scale(eval_clips=40, hours=3, compare_steps=200, compare_clips=16, rule_streams=10)}
 
 
 def eval_seeds(seed: int, n: int) -> list[int]:
@@ -71,11 +70,12 @@ def write_eval_set(folder: Path, seed: int, scale: Scale) -> world.WorldSet:
     return made
 
 
-def open_app(out: Path, memory: Path, compressor: str = "timeperceiver"):
+def open_app(out: Path, memory: Path, compressor: str = "timeperceiver", weights: Path | None = None):
+    """vidmem as the CLI runs it (`--model OUT/vlm --embedder OUT/clip`), in this process."""
     from vidmem.agents.app import Settings, Vidmem
 
     settings = Settings(memory=memory, model=str(out / "vlm"), embedder=str(out / "clip"), device="cpu",
-                        compressor=compressor, max_new_tokens=16)
+                        compressor=compressor, compressor_weights=weights, max_new_tokens=16)
     return Vidmem(settings)
 
 
@@ -134,59 +134,55 @@ def _mean(values: list) -> float:
 
 
 # ---- Clapper's comparison: every compressor under one token bound ------------------------------------------------
-def greedy(vlm, prompt: torch.Tensor, *, max_new: int = 12) -> str:
-    """Greedy decoding from a (1, P, H) prompt with the adapter's forward (no cache: answers are a few tokens)."""
-    stops = {int(vlm.end_of_turn_id), int(vlm.tokenizer.eos_token_id)}
-    ids: list[int] = []
-    embeds = prompt
-    with torch.no_grad():
-        for _ in range(max_new):
-            logits = vlm.forward(embeds)  # (1, V)
-            next_id = int(logits.argmax(-1)[0])
-            if next_id in stops:
-                break
-            ids.append(next_id)
-            embeds = torch.cat([embeds, vlm.embed_ids(torch.tensor([next_id]))[None].to(embeds.dtype)], dim=1)
-    return vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+COMPARE_KINDS = ("what", "motion", "temporal")
+COMPARE_BOUND = 800  # visual tokens per question for every compressor (a 16 s clip is 980 at TimePerceiver's full detail)
 
 
-def fit_bound(items: list, bound: int) -> list:
-    """Keeps the (start, end, tokens) items within `bound` tokens: drops a segment's trailing tokens evenly."""
-    total = sum(t.shape[0] for _, _, t in items)
-    if total <= bound:
-        return items
-    share = bound / total
-    return [(s, e, t[: max(1, int(t.shape[0] * share))]) for s, e, t in items]
-
-
-def compare_compressors(out: Path, train_clips: dict, train_examples: list, eval_clips: dict,
-                        eval_questions: list[world.Question], *, steps: int, bound: int, seed: int) -> dict:
-    """For every registered compressor: accuracy per kind, untrained and trained, under `bound` visual tokens.
-
-    Both variants continue training the projector and language model for `steps` on the same examples with that
-    compressor's tokens; "trained" also trains the compressor. The model is restored between runs."""
+def compare_compressors(out: Path, made: world.WorldSet, *, clips: int, steps: int, bound: int, seed: int,
+                        work: Path | None = None, names: Sequence[str] | None = None) -> dict:
+    """For every registered compressor: accuracy per kind on held-out clips at budget `bound`, untrained (ingested
+    with `--compressor NAME`) and trained (`vidmem train --objective qa --compressor NAME`: compressor and projector,
+    language model frozen, `steps` steps on the training clips' questions; ingested and asked with its checkpoint).
+    `out` holds the trained models and their training set; memories and checkpoints go to `work` (OUT/compare)."""
     from vidmem.agents.models import load_vlm
-    from vidmem.compressors.base import build_compressor
     from vidmem.compressors import available
 
-    results = {}
-    for name in available():
+    compare = [f for f in made.footage if f.kind == "clip"][:clips]
+    videos = {f"{f.name}.mp4" for f in compare}
+    questions = [q for q in made.questions if q.video in videos and q.kind in COMPARE_KINDS]
+    work = work or out / "compare"
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "qa-compare.jsonl"
+    rows = [json.loads(line) for line in (out / "train" / "qa.jsonl").read_text().splitlines()]
+    train_dir = (out / "train").resolve()
+    data.write_text("".join(json.dumps({**r, "video": str(train_dir / r["video"])}) + "\n"
+                            for r in rows if r["kind"] in COMPARE_KINDS))
+    results: dict = {}
+    for name in names or available():
         results[name] = {}
         for variant in ("untrained", "trained"):
-            vlm = wm.adapter(load_vlm(str(out / "vlm"), device="cpu"))
-            torch.manual_seed(seed)
-            compressor = build_compressor(name, dim=vlm.encoder.dim).float()
-            if steps:
-                wm.train_qa(vlm, compressor, train_clips, train_examples, steps=steps, lr=5e-4, seed=seed,
-                            train_compressor=variant == "trained", log_every=0, label=f"{name}-{variant}")
-            rows = []
-            with torch.no_grad():
-                for q in eval_questions:
-                    items = fit_bound(wm.compress_clip(vlm, compressor, eval_clips[q.video]), bound)
-                    said = greedy(vlm, vlm.prompt_embeds(q.question, vlm.evidence_embeds(items)))
-                    rows.append({"kind": q.kind, "correct": world.grade(q.kind, said, q.answer)})
-            results[name][variant] = summarise(rows)
-            log.info("%s %s: %s", name, variant, results[name][variant]["all"])
+            weights = None
+            mark = time.perf_counter()
+            if variant == "trained":
+                try:
+                    trained = wm.vidmem_train(
+                        load_vlm(str(out / "vlm"), device="cpu"), data=data,
+                        output=work / f"{name}.safetensors", objective="qa", steps=steps, lr=1e-3,
+                        seed=seed, model_dir=None, compressor=name, cache_dir=out / "train" / "features",
+                        train_llm=False, batch_size=2)
+                except Exception as exc:  # a compressor that cannot train on this objective is reported, not fatal
+                    results[name][variant] = {"error": f"{type(exc).__name__}: {exc}"}
+                    continue
+                weights = Path(trained["checkpoint"])
+            app = open_app(out, work / f"{name}-{variant}", compressor=name, weights=weights)
+            try:
+                ingest_all(app, {f.name: made.path(f) for f in compare})
+                summary, _ = accuracy_per_kind(app, questions, budget=bound)
+            finally:
+                app.close()
+            summary["seconds"] = round(time.perf_counter() - mark, 1)
+            results[name][variant] = summary
+            log.info("%s %s: %s", name, variant, summary["all"])
     return results
 
 
@@ -360,22 +356,9 @@ def run(out: Path, *, quick: bool, seed: int, reuse: bool, plot_path: Path | Non
     finally:
         app.close()
 
-    # the compressors, in-process on features cut and encoded as ingest does
-    from vidmem.agents.models import load_vlm
-
-    base = wm.adapter(load_vlm(str(out / "vlm"), device="cpu"))
-    train_dir = out / "train"
-    train_footage = [world.make_clip(wm.TRAIN_SEED_BASE + seed * 10_000 + i) for i in range(recipe.clips)]
-    few = train_footage[: max(16, len(train_footage) // 4)]
-    train_clips = wm.clip_features(base, train_dir, [f"{f.name}.mp4" for f in few])
-    train_examples = [e for e in wm.qa_examples(few, train_dir)]
-    compare_footage = [f for f in made.footage if f.kind == "clip"][: scale.compare_clips]
-    eval_clips = wm.clip_features(base, out / "eval", [f"{f.name}.mp4" for f in compare_footage])
-    compare_questions = [q for q in made.questions if q.video in eval_clips and q.kind in ("what", "motion", "temporal")]
-    del base
-    result["compressors"] = compare_compressors(out, train_clips, train_examples, eval_clips, compare_questions,
-                                                steps=scale.compare_steps, bound=4 * 245, seed=seed)
-    result["compressor_bound"] = 4 * 245
+    result["compressors"] = compare_compressors(out, made, clips=scale.compare_clips, steps=scale.compare_steps,
+                                                bound=COMPARE_BOUND, seed=seed)
+    result["compressor_bound"] = COMPARE_BOUND
     result["rules"] = watch_rules(out, seed, scale)
     tp = result["compressors"].get("timeperceiver", {})
     gain = (tp.get("trained", {}).get("temporal", {}).get("accuracy", 0.0)
@@ -395,7 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("quality-run"))
     parser.add_argument("--reuse", action="store_true", help="keep OUT/vlm and OUT/clip when they are there")
     parser.add_argument("--plot", type=Path, help="where to draw the plot (default OUT/quality.png)")
+    parser.add_argument("--threads", type=int, help="torch threads (1 on a CPU shared with other work: spinning "
+                        "OpenMP threads slow small models down tenfold there)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "sentence_transformers", "vidmem.stream", "vidmem.agents", "vidmem.memory"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -67,6 +67,7 @@ PREPROCESSOR = {  # llava-onevision-qwen2's preprocessor_config.json, less the a
 }
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+QA_FOCUS = 0.5  # share of one-shot questions trained on that shot's segment alone (shorter, cheaper prompts)
 TRAIN_SEED_BASE = 100_000  # training footage seeds start here; evaluation seeds stay below it
 CAPTION_PROMPT = "Describe the video."
 
@@ -83,6 +84,7 @@ class Recipe:
     caption_steps: int  # VLM stage 1 steps (one clip each)
     qa_steps: int  # VLM question-answering steps
     lr: float = 2e-3  # VLM peak learning rate (AdamW, warm-up then cosine)
+    clip_lr: float = 1e-2  # CLIP peak learning rate
     vision_hidden: int = 32  # SigLIP width D
     text_hidden: int = 128  # Qwen2 width H
     text_layers: int = 2
@@ -263,8 +265,12 @@ def write_training_set(folder: Path, recipe: Recipe) -> tuple[list[world.Footage
         for footage in made.footage:
             video = made.path(footage).name
             cap.write(json.dumps({"video": video, "caption": world.caption(footage)}) + "\n")
+        rng = random.Random(recipe.seed)
         for q in made.questions:
-            out.write(json.dumps({"video": q.video, "question": q.question, "answer": answer_text(q), "kind": q.kind}) + "\n")
+            row = {"video": q.video, "question": q.question, "answer": answer_text(q), "kind": q.kind}
+            if q.end - q.start < world.SEGMENT_SECONDS * 4 and rng.random() < QA_FOCUS:
+                row.update(since=q.start + 0.5, until=q.end - 0.5)  # only that shot's segment as evidence
+            out.write(json.dumps(row) + "\n")
     return made.footage, captions, qa
 
 
@@ -391,183 +397,17 @@ def pretrain_vision(encoder, items: list, *, steps: int, batch: int = 16, lr: fl
         loss.backward()
         optim.step()
         if (step + 1) % 20 == 0:
-            log.info("vision step %d/%d loss %.3f", step + 1, steps, float(loss))
+            log.info("vision step %d/%d loss %.3f", step + 1, steps, float(loss.detach()))
     encoder.tower.eval()
     return {"random_tower": before, "trained_tower": probe_accuracy()}
 
 
-# ---- the VLM: caption, then question answering ---------------------------------------------------------------------
-@dataclass
-class ClipFeatures:
-    """One training clip as vidmem stores it: segment spans and frozen vision features (T, L, D) per segment."""
-
-    video: str
-    spans: list[tuple[float, float]]
-    features: list[torch.Tensor]  # float16 (T, L, D) each
-
-
-def clip_features(vlm, folder: Path, videos: Sequence[str]) -> dict[str, ClipFeatures]:
-    """Segments every video with vidmem's ingest loop and encodes them with the (frozen) tower."""
-    out = {}
-    for video in videos:
-        segs = segment_video(Path(folder) / video)
-        feats = [vlm.encoder(frames).to(torch.float16) for frames in segs.frames]  # (T, L, D) each
-        out[video] = ClipFeatures(video, segs.spans, feats)
-    return out
-
-
-class _OldAdapter:  # TODO(world): delete once agents/vlm.py (issue 13) is on main; mirrors its prompt layout
-    """The VLM adapter's training surface (agents/vlm.py, issue 13) over the pre-adapter `VLM`."""
-
-    def __init__(self, vlm) -> None:
-        from vidmem.agents.answer import SYSTEM_PROMPT
-
-        self.vlm = vlm
-        self.model = vlm.model
-        self.tokenizer = vlm.tokenizer
-        self.encoder = vlm.encoder
-        self.device = vlm.device
-        inner = vlm.model.model
-        self.projector = inner.multi_modal_projector
-        self.language_model = inner.language_model
-        self.lm_head = vlm.model.lm_head
-        self.image_newline = inner.image_newline
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "<video>\n\x00Q\x00"}],
-            tokenize=False, add_generation_prompt=True)
-        self.head, rest = text.split("<video>")
-        self.mid, self.end = rest.split("\x00Q\x00")
-        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def ids(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-
-    def embed_ids(self, ids):
-        return self.model.get_input_embeddings()(ids)
-
-    def embed_text(self, text):
-        return self.embed_ids(self.ids(text))
-
-    def compress(self, compressor, features):
-        block = compressor(features)
-        block.tokens = self.projector(block.tokens)
-        return block
-
-    @property
-    def end_of_turn(self):
-        return self.end_of_turn_id
-
-    def evidence_embeds(self, items):
-        from vidmem.agents.answer import render_span
-
-        parts = []
-        for start, end, tokens in items:
-            parts += [self.embed_text(render_span(start, end)), tokens, self.image_newline[None]]
-        return torch.cat(parts)
-
-    def prompt_embeds(self, question, evidence):
-        return torch.cat([self.embed_text(self.head), evidence, self.embed_text(f"{self.mid}{question.strip()}{self.end}")])[None]
-
-    def forward(self, embeds, *, all_positions=False):
-        hidden = self.language_model(inputs_embeds=embeds).last_hidden_state
-        return self.lm_head(hidden if all_positions else hidden[:, -1])
-
-    def save_pretrained(self, directory):
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-
-
-def adapter(vlm):
-    """The VLM adapter (agents/vlm.py) when vidmem has it, else a stand-in with the same training surface."""
-    return vlm if hasattr(vlm, "answer_loss") else _OldAdapter(vlm)
-
-
-def batch_answer_loss(vlm, prompts: list[torch.Tensor], answers: list[str]) -> torch.Tensor:
-    """`vlm.answer_loss` for several (1, P_i, H) prompts at once: right-padded into one batch (padding comes after
-    every real position, so causal attention leaves the real logits as they are alone), mean over answers."""
-    end = torch.tensor([vlm.end_of_turn_id])
-    rows, targets = [], []
-    for prompt, answer in zip(prompts, answers):
-        target = torch.cat([vlm.ids(answer.strip()).cpu(), end])  # (A,)
-        inputs = torch.cat([prompt[0], vlm.embed_ids(target.to(prompt.device)).to(prompt.dtype)])  # (P + A, H)
-        rows.append(inputs[:-1])
-        targets.append((prompt.shape[1] - 1, target))
-    width = max(r.shape[0] for r in rows)
-    batch = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])  # (B, S, H)
-    logits = vlm.forward(batch, all_positions=True)  # (B, S, V)
-    losses = [F.cross_entropy(logits[i, at:at + len(t)].float(), t.to(logits.device)) for i, (at, t) in enumerate(targets)]
-    return torch.stack(losses).mean()
-
-
-def trainable(vlm, *, llm: bool = True) -> list[torch.nn.Parameter]:
-    params = list(vlm.projector.parameters()) + [vlm.image_newline]
-    if llm:
-        params += list(vlm.language_model.parameters()) + list(vlm.lm_head.parameters())
-    return list(dict.fromkeys(params))
-
-
 def _schedule(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 10% of the peak (as `vidmem train`)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def compress_clip(vlm, compressor, clip: ClipFeatures) -> list[tuple[float, float, torch.Tensor]]:
-    """(start, end, tokens (N, H)) per segment: the compressor's tokens in the language model's input space."""
-    return [(start, end, vlm.compress(compressor, feats.float()).tokens) for (start, end), feats in zip(clip.spans, clip.features)]
-
-
-def choose_segments(items: list, span: tuple[float, float] | None, rng: random.Random) -> list:
-    """The evidence of one example: all segments, or (QA_FOCUS of the time, when the question is about one shot)
-    that shot's segments plus each other segment with probability 1/3, in time order."""
-    if span is None or rng.random() >= QA_FOCUS:
-        return items
-    inside = [it for it in items if it[0] < span[1] and it[1] > span[0]]
-    chosen = [it for it in items if it in inside or rng.random() < 1 / 3]
-    return chosen or items
-
-
-def train_qa(vlm, compressor, clips: dict[str, ClipFeatures], examples: list[tuple[str, str, str, tuple | None]], *,
-             steps: int, lr: float, per_step: int = 6, seed: int = 0, train_llm: bool = True,
-             train_compressor: bool = False, log_every: int = 50, label: str = "qa") -> list[float]:
-    """Trains on (video, prompt, answer, span) examples: each step one clip and `per_step` of its examples.
-
-    The projector, image_newline and (with `train_llm`) the language model learn; the compressor learns only with
-    `train_compressor`. Returns the loss of every step."""
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    by_video: dict[str, list] = {}
-    for video, prompt, answer, span in examples:
-        by_video.setdefault(video, []).append((prompt, answer, span))
-    videos = sorted(by_video)
-    params = trainable(vlm, llm=train_llm) + (list(compressor.parameters()) if train_compressor else [])
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    losses: list[float] = []
-    vlm.model.train()
-    compressor.train(train_compressor)
-    started = time.perf_counter()
-    for step in range(steps):
-        for group in optim.param_groups:
-            group["lr"] = lr * _schedule(step, steps, warmup)
-        video = rng.choice(videos)
-        chosen = rng.sample(by_video[video], min(per_step, len(by_video[video])))
-        items = compress_clip(vlm, compressor, clips[video])
-        prompts = [vlm.prompt_embeds(q, vlm.evidence_embeds(choose_segments(items, span, rng))) for q, _, span in chosen]
-        loss = batch_answer_loss(vlm, prompts, [a for _, a, _ in chosen])
-        optim.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        losses.append(float(loss.detach()))
-        if log_every and (step + 1) % log_every == 0:
-            recent = losses[-log_every:]
-            log.info("%s step %d/%d loss %.3f (%.1f s)", label, step + 1, steps, sum(recent) / len(recent),
-                     time.perf_counter() - started)
-    vlm.model.eval()
-    compressor.eval()
-    return losses
 
 
 # ---- the CLIP ---------------------------------------------------------------------------------------------------------
@@ -651,24 +491,26 @@ def train_clip(directory: Path, footage: list[world.Footage], paths: list[Path],
 
 
 # ---- everything ---------------------------------------------------------------------------------------------------
-QA_FOCUS = 0.6  # share of question examples whose evidence is the question's own segments plus some others
+def vidmem_train(vlm, *, data: Path, output: Path, objective: str, steps: int, lr: float, seed: int,
+                 model_dir: Path | None, compressor: str = "timeperceiver", options: dict | None = None,
+                 cache_dir: Path, train_llm: bool = True, batch_size: int = 4) -> dict:
+    """`vidmem train` (compressors.train.train, the code behind the CLI) with the world's settings."""
+    from vidmem.compressors.train import TrainOptions, train
 
-
-def qa_examples(footage: list[world.Footage], folder: Path) -> list[tuple[str, str, str, tuple[float, float] | None]]:
-    """(video, question, answer, (start, end) of the shot it is about or None) for every training question."""
-    out = []
-    for clip in footage:
-        video = f"{clip.name}.mp4"
-        for q in world.questions(clip, video):
-            span = (q.start, q.end) if q.end - q.start < clip.seconds else None
-            out.append((video, q.question, answer_text(q), span))
-    return out
+    report = train(TrainOptions(
+        data=data, output=output, objective=objective, compressor=compressor, compressor_options=options or {},
+        steps=steps, lr=lr, warmup=max(1, steps // 20), batch_size=batch_size, train_llm=train_llm,
+        output_model=model_dir, cache_dir=cache_dir, seed=seed, log_every=50,
+    ), vlm=vlm)
+    out = report.to_json()
+    return {"first_loss": round(out["first_loss"], 4), "last_loss": round(out["final_loss"], 4),
+            "seconds": round(report.seconds, 1), "steps": steps, "checkpoint": str(report.checkpoint)}
 
 
 def train_all(out: Path, recipe: Recipe) -> dict:
-    """The whole recipe: footage, the vision tower, the CLIP, then the VLM's caption and QA stages."""
+    """The whole recipe: footage, the CLIP, the vision tower, then the VLM's caption and QA stages through
+    `vidmem train` (`python -m vidmem train DATA --objective caption|qa --train-llm ...` does the same)."""
     from vidmem.agents.models import load_vlm
-    from vidmem.compressors.base import build_compressor
 
     torch.manual_seed(recipe.seed)
     out = Path(out)
@@ -678,41 +520,36 @@ def train_all(out: Path, recipe: Recipe) -> dict:
     footage, captions_file, qa_file = write_training_set(train_dir, recipe)
     paths = [train_dir / f"{f.name}.mp4" for f in footage]
     texts = corpus(TRAIN_SEED_BASE + recipe.seed * 10_000 + i for i in range(min(recipe.clips, 200)))
-    report["footage_seconds"] = round(time.perf_counter() - started, 1)
+    report["footage_seconds"] = _since(started)
 
-    # the CLIP
     mark = time.perf_counter()
     build_clip_skeleton(out / "clip", texts, seed=recipe.seed)
-    clip_losses = train_clip(out / "clip", footage, paths, steps=recipe.clip_steps, seed=recipe.seed)
-    report["clip"] = {"first_loss": clip_losses[0], "last_loss": _tail(clip_losses), "seconds": _since(mark)}
+    clip_losses = train_clip(out / "clip", footage, paths, steps=recipe.clip_steps, lr=recipe.clip_lr, seed=recipe.seed)
+    report["clip"] = {"first_loss": round(clip_losses[0], 4), "last_loss": _tail(clip_losses), "seconds": _since(mark)}
 
-    # the VLM skeleton and stage 0
     mark = time.perf_counter()
-    vlm_dir = out / "vlm"
-    build_vlm_skeleton(vlm_dir, build_tokenizer(texts), recipe)
-    vlm = adapter(load_vlm(str(vlm_dir), device="cpu"))
+    skeleton = out / "train" / "vlm-stage0"
+    build_vlm_skeleton(skeleton, build_tokenizer(texts), recipe)
+    vlm = load_vlm(str(skeleton), device="cpu")
     items = vision_batches(footage[: recipe.vision_clips], paths[: recipe.vision_clips], random.Random(recipe.seed))
     report["vision"] = pretrain_vision(vlm.encoder, items, steps=recipe.vision_steps, seed=recipe.seed)
     report["vision"]["seconds"] = _since(mark)
+    vlm.save_pretrained(skeleton)
+    del vlm, items
 
-    # features of every training clip, as ingest cuts and encodes them
-    mark = time.perf_counter()
-    clips = clip_features(vlm, train_dir, [p.name for p in paths])
-    report["features_seconds"] = _since(mark)
-    compressor = build_compressor("timeperceiver", dim=vlm.encoder.dim, depth=0).eval()  # untrained = depth 0, exactly
-
-    # stage 1: captions; stage 2: questions
-    mark = time.perf_counter()
-    caption_rows = [json.loads(line) for line in captions_file.read_text().splitlines()]
-    caption_examples = [(r["video"], CAPTION_PROMPT, r["caption"], None) for r in caption_rows]
-    losses = train_qa(vlm, compressor, clips, caption_examples, steps=recipe.caption_steps, lr=recipe.lr,
-                      seed=recipe.seed, label="caption", per_step=1)
-    report["caption"] = {"first_loss": losses[0], "last_loss": _tail(losses), "seconds": _since(mark)}
-    mark = time.perf_counter()
-    losses = train_qa(vlm, compressor, clips, qa_examples(footage, train_dir), steps=recipe.qa_steps, lr=recipe.lr,
-                      seed=recipe.seed + 1, label="qa")
-    report["qa"] = {"first_loss": losses[0], "last_loss": _tail(losses), "seconds": _since(mark)}
-    vlm.save_pretrained(vlm_dir)
+    # stage 1 (captions) and question answering; the default compressor untrained (depth 0 gives exactly the
+    # untrained TimePerceiver's tokens, without computing its zero-gated layers)
+    untrained = {"depth": 0}
+    cache = out / "train" / "features"
+    stage1 = out / "train" / "vlm-stage1"
+    report["caption"] = vidmem_train(
+        load_vlm(str(skeleton), device="cpu"), data=captions_file, output=out / "train" / "caption.safetensors",
+        objective="caption", steps=recipe.caption_steps, lr=recipe.lr, seed=recipe.seed, model_dir=stage1,
+        options=untrained, cache_dir=cache)
+    report["qa"] = vidmem_train(
+        load_vlm(str(stage1), device="cpu"), data=qa_file, output=out / "train" / "qa.safetensors", objective="qa",
+        steps=recipe.qa_steps, lr=recipe.lr, seed=recipe.seed + 1, model_dir=out / "vlm", options=untrained,
+        cache_dir=cache)
     report["seconds"] = _since(started)
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -733,7 +570,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="writes OUT/clip, OUT/vlm and OUT/train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument("--threads", type=int, help="torch threads (1 on a CPU shared with other work: spinning "
+                        "OpenMP threads slow small models down tenfold there)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "sentence_transformers", "vidmem.stream", "vidmem.agents.models"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
