@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -340,6 +341,8 @@ def run(out: Path, *, quick: bool, seed: int, reuse: bool, plot_path: Path | Non
     result["training"] = {k: report.get(k) for k in ("clip", "caption", "qa", "seconds")}
     result["vision"] = report.get("vision")
 
+    for stale in (out / "eval" / "memory", out / "rules", out / "compare"):  # memories of an earlier run
+        shutil.rmtree(stale, ignore_errors=True)
     made = write_eval_set(out / "eval", seed, scale)
     (out / "eval" / "questions.json").write_text(json.dumps(
         [{"video": q.video, "question": q.question, "answer": q.answer, "kind": q.kind} for q in made.questions], indent=1))

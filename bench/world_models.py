@@ -84,7 +84,7 @@ class Recipe:
     caption_steps: int  # VLM stage 1 steps (one clip each)
     qa_steps: int  # VLM question-answering steps
     lr: float = 2e-3  # VLM peak learning rate (AdamW, warm-up then cosine)
-    clip_lr: float = 1e-2  # CLIP peak learning rate
+    clip_lr: float = 2e-3  # CLIP peak learning rate
     vision_hidden: int = 32  # SigLIP width D
     text_hidden: int = 128  # Qwen2 width H
     text_layers: int = 2
@@ -92,10 +92,9 @@ class Recipe:
 
 
 RECIPES = {
-    "quick": Recipe("quick", clips=96, vision_steps=60, vision_clips=40, clip_steps=300, caption_steps=100,
-                    qa_steps=600),
-    "full": Recipe("full", clips=400, vision_steps=300, vision_clips=100, clip_steps=1200, caption_steps=400,
-                   qa_steps=4000),
+    "quick": Recipe("quick", clips=64, vision_steps=60, vision_clips=32, clip_steps=300, caption_steps=60, qa_steps=500),
+    "full": Recipe("full", clips=240, vision_steps=200, vision_clips=80, clip_steps=1200, caption_steps=200,
+                   qa_steps=3000),
 }
 
 
@@ -576,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("transformers", "sentence_transformers", "vidmem.stream", "vidmem.agents.models"):
+    for noisy in ("transformers", "sentence_transformers", "vidmem.stream", "vidmem.agents.models", "vidmem.compressors.dataset"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = replace(RECIPES[args.recipe], seed=args.seed)
     for pair in args.set:
