@@ -52,6 +52,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embedder", default=os.environ.get("VIDMEM_EMBEDDER"),
                        help="CLIP sentence-transformers hub id or local directory (default: clip-ViT-B-32)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run")
+    group.add_argument("--runtime", choices=("eager", "fast", "fast-lm"), default=os.environ.get("VIDMEM_RUNTIME"),
+                       help="CPU runtime: fast (default on a CPU: int8 vision tower), eager (fp32 throughout), "
+                            "fast-lm (also an int8 language model); $VIDMEM_RUNTIME")
     group.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     group.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
 
@@ -147,6 +150,7 @@ def _settings(args: argparse.Namespace):
         feature_cache=getattr(args, "feature_cache", False),
         prune=getattr(args, "prune", 1.0),
         caption_embedder=getattr(args, "caption_embedder", None),
+        runtime=args.runtime,
     )
 
 

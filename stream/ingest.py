@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from vidmem.errors import ConfigError, SourceError
+from vidmem.stream.motion import MotionGate, MotionOptions
 from vidmem.stream.sampling import TimeSampler
 from vidmem.stream.segmenter import Segmenter, StaticCheck
 from vidmem.stream.shots import ShotDetector, ShotOptions
@@ -53,6 +54,7 @@ class IngestOptions:
     detect_cuts: bool = True  # run the shot-boundary detector (AVS section 3.2.1)
     shots: ShotOptions = ShotOptions()  # shot-boundary detector settings
     frame_budget: int | None = None  # files only: keep the k most informative frames (AVS eq. 5) instead of fps
+    motion: MotionOptions | None = None  # motion-gated sampling (stream/motion.py): fps is then a cap; None = off
 
     def __post_init__(self) -> None:
         if not self.fps > 0:
@@ -129,6 +131,7 @@ class Analyser:
         self.duration = duration
         self.detector: ShotDetector[Frame] = ShotDetector(options.shots)
         self.sampler = TimeSampler(options.fps)
+        self.motion = MotionGate(options.motion) if options.motion is not None else None
         self.segmenter = Segmenter(stream, max_frames=options.max_segment_frames, period=1.0 / options.fps)
         self.static = (StaticCheck(options.static_threshold, options.static_max_seconds)
                        if options.static_threshold > 0 else None)
@@ -153,6 +156,8 @@ class Analyser:
             self._since_sample = max(self._since_sample, score)
             if not self.sampler.offer(frame.ts, cut=cut):
                 continue
+            if self.motion is not None and not self.motion.offer(frame.ts, frame.image, cut=cut):
+                continue  # nothing moved since the last kept frame: the fps grid moves on, the score adds up
             sampled = dataclasses.replace(frame, score=self._since_sample)
             self._since_sample = 0.0
             out += self._route(self.segmenter.add(sampled, cut=cut))
@@ -185,6 +190,8 @@ class Analyser:
         out = self._after_detection([(d.item, d.score, d.cut) for d in self.detector.flush()])
         self.detector.reset()
         self.sampler.reset()
+        if self.motion is not None:
+            self.motion.reset()
         return out + self._route(self.segmenter.gap(start, end))
 
     @property
