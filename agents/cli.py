@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream name (default: the file's name)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     p.add_argument("--frame-budget", type=int, help="files: keep only the N most informative frames (AVS top-k)")
+    p.add_argument("--motion", action="store_true",
+                   help="motion-gated sampling: --fps becomes a cap; frames are taken when parts of the picture "
+                        "change, and at least one every 10 s")
     p.add_argument("--compressor", default="timeperceiver", help="token compressor (default timeperceiver)")
     p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -173,6 +176,7 @@ def _stream_name(source: str) -> str:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from vidmem.agents.app import Vidmem
     from vidmem.stream import IngestOptions, open_source
+    from vidmem.stream.motion import MotionOptions
 
     from vidmem.memory import check_stream_name
 
@@ -187,8 +191,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            options = IngestOptions(fps=args.fps, frame_budget=args.frame_budget,
+                                    motion=MotionOptions() if args.motion else None)
             return await app.ingest(
-                source, stream=stream, options=IngestOptions(fps=args.fps, frame_budget=args.frame_budget),
+                source, stream=stream, options=options,
                 progress=not args.no_progress and sys.stderr.isatty(), stop=stop,
             )
 

@@ -132,6 +132,7 @@ class Analyser:
         self.detector: ShotDetector[Frame] = ShotDetector(options.shots)
         self.sampler = TimeSampler(options.fps)
         self.motion = MotionGate(options.motion) if options.motion is not None else None
+        self._moved: set[float] = set()  # times of sampled frames the motion gate kept because blocks changed
         self.segmenter = Segmenter(stream, max_frames=options.max_segment_frames, period=1.0 / options.fps)
         self.static = (StaticCheck(options.static_threshold, options.static_max_seconds)
                        if options.static_threshold > 0 else None)
@@ -156,8 +157,11 @@ class Analyser:
             self._since_sample = max(self._since_sample, score)
             if not self.sampler.offer(frame.ts, cut=cut):
                 continue
-            if self.motion is not None and not self.motion.offer(frame.ts, frame.image, cut=cut):
-                continue  # nothing moved since the last kept frame: the fps grid moves on, the score adds up
+            if self.motion is not None:
+                if not self.motion.offer(frame.ts, frame.image, cut=cut):
+                    continue  # nothing moved since the last kept frame: the fps grid moves on, the score adds up
+                if self.motion.moved:
+                    self._moved.add(frame.ts)
             sampled = dataclasses.replace(frame, score=self._since_sample)
             self._since_sample = 0.0
             out += self._route(self.segmenter.add(sampled, cut=cut))
@@ -169,6 +173,10 @@ class Analyser:
         return self._route(self.segmenter.add(frame, cut=cut))
 
     def _route(self, segments: list[Segment]) -> list[tuple[str, Segment]]:
+        for s in segments:
+            if self._moved and any(f.ts in self._moved for f in s.frames):
+                s.extra["motion"] = True  # the static check stores it: something moved in part of the picture
+                self._moved.difference_update(f.ts for f in s.frames)
         return [(EXTEND if self.static is not None and self.static.repeats(s) else ENCODE, s) for s in segments]
 
     def video_end(self) -> float | None:

@@ -8,7 +8,9 @@ keeps recent evidence), or at a shot cut, a gap, or the first frame. Comparing a
 (not the previous one) means slow drift adds up and is eventually sampled.
 
 Blocks rather than the whole picture: a person crossing a corner of a wide shot changes a few blocks a lot and
-the frame's mean hardly at all (the whole-picture static check in `segmenter.py` would not see it).
+the frame's mean hardly at all. The whole-picture static check in `segmenter.py` would fold such a segment into
+its still predecessor, so the ingest loop marks a segment holding a frame kept for motion
+(`segment.extra["motion"]`) and the static check then stores it.
 """
 from __future__ import annotations
 
@@ -63,18 +65,20 @@ class MotionGate:
     _kept_at: float | None = None  # its time, seconds
     kept: int = 0
     skipped: int = 0
+    moved: bool = False  # the last kept frame was kept because blocks changed (not first, cut or keyframe interval)
 
     def offer(self, ts: float, image: np.ndarray, *, cut: bool = False) -> bool:
         """True when the frame at `ts` is kept: the first one, a cut, motion, or the keyframe interval elapsed."""
         thumb = thumbnail(image)
-        keep = (
+        forced = (
             self._reference is None
             or cut
             or self._kept_at is None
             or ts - self._kept_at >= self.options.keyframe_seconds - 1e-3
             or ts < self._kept_at  # time went backwards (a new live connection): start afresh
-            or changed_blocks(thumb, self._reference, self.options) >= self.options.min_blocks
         )
+        self.moved = not forced and changed_blocks(thumb, self._reference, self.options) >= self.options.min_blocks
+        keep = forced or self.moved
         if keep:
             self._reference, self._kept_at = thumb, ts
             self.kept += 1

@@ -137,6 +137,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.segments: list = []
+        self.extended: list = []  # the segments the static check folded into their predecessor
 
     def encode(self, segments: list) -> list[object]:
         self.segments += segments
@@ -147,6 +148,7 @@ class Recorder:
 
     def extend(self, segment) -> None:  # noqa: ANN001
         self.segments.append(segment)
+        self.extended.append(segment)
 
 
 def sampled_times(path: Path, options: IngestOptions) -> list[float]:
@@ -181,6 +183,21 @@ def test_motion_gate_samples_movement_at_the_cap_and_stillness_every_keyframe_in
     still = [t for t in kept if t < 19.5 or t >= 29.0]
     assert len(still) <= 7  # 0 s .. 19.5 s and 29 s .. 60 s: keyframes only
     assert len(kept) < len(every) / 3
+
+
+def test_someone_walking_through_a_still_picture_is_stored_not_folded(home_clip: Path) -> None:
+    """The whole-picture static check folds the walk into the still segment; with motion gating it is encoded."""
+    def encoded(options: IngestOptions) -> list:
+        sink = Recorder()
+        asyncio.run(ingest(open_source(home_clip), sink, stream="cam", options=options))
+        return [s for s in sink.segments if s not in sink.extended]
+
+    plain = encoded(IngestOptions())
+    gated = encoded(IngestOptions(motion=MotionOptions()))
+    assert not [s for s in plain if 20.0 <= s.start < 28.0]  # today's default misses the person
+    walk = [s for s in gated if 20.0 <= s.start < 28.0]
+    assert walk and all(s.extra.get("motion") for s in walk)
+    assert len(gated) <= 8  # the still minutes stay folded: the first segment, the walk, nothing more
 
 
 def test_motion_gate_sees_a_small_change_the_whole_picture_mean_hides() -> None:
