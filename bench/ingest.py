@@ -228,13 +228,15 @@ def bench_live_rtf(args: argparse.Namespace) -> dict:
     from vidmem.stream.synth import busy_scene, write_video
 
     static_s, busy_s, fps = (40, 12, 5) if args.quick else (120, 24, 10)
+    width, height = (320, 180) if args.quick else (640, 360)
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="vidmem-bench-rtf-") as tmp:
         work = Path(tmp)
         clips = {"static": work / "home.mp4", "busy": work / "busy.mp4"}
-        write_video(clips["static"], home_camera_scene(static_s * fps, fps=fps, width=640, height=360,
+        write_video(clips["static"], home_camera_scene(static_s * fps, fps=fps, width=width, height=height,
                                                        visits=((static_s / 3, static_s / 3 + 8),)), fps=fps)
-        write_video(clips["busy"], busy_scene(busy_s * fps, fps=fps, width=640, height=360, shot_seconds=20), fps=fps)
+        write_video(clips["busy"], busy_scene(busy_s * fps, fps=fps, width=width, height=height, shot_seconds=20),
+                    fps=fps)
         if args.quick:
             tiny = tiny_checkpoints(work / "models")
             app = Vidmem(Settings(memory=work / "memory", model=str(tiny["llava"]), embedder=str(tiny["clip"]),

@@ -222,3 +222,39 @@ def test_motion_options_are_checked() -> None:
         MotionOptions(keyframe_seconds=0)
     with pytest.raises(ValueError):
         MotionOptions(grid=(0, 3))
+
+
+# ---------------------------------------------------------------------------------------------------- GPU path
+
+
+def test_the_gpu_extra_never_installs_faiss_cpu_beside_faiss_gpu() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = lambda deps: {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in deps}  # noqa: E731
+    extras = project["optional-dependencies"]
+    assert not names(project["dependencies"]) & {"faiss-cpu", "faiss-gpu-cu12"}
+    assert "faiss-cpu" in names(extras["cpu"]) and "faiss-gpu-cu12" not in names(extras["cpu"])
+    assert "faiss-gpu-cu12" in names(extras["gpu"]) and "faiss-cpu" not in names(extras["gpu"])
+    assert not any("faiss" in name for extra in ("test", "bench") for name in names(extras.get(extra, [])))
+
+
+def test_device_cuda_reaches_the_memory_search(tmp_path: Path) -> None:
+    """--device cuda asks the memory for FAISS on the GPU; without GPUs in faiss it searches on the CPU."""
+    from vidmem.agents.app import Settings, Vidmem
+    from vidmem.memory import Manifest
+
+    for device, expected in (("cuda", "cuda"), ("cpu", "cpu")):
+        app = Vidmem(Settings(memory=tmp_path / device, device=device))
+        try:
+            memory = app.memory
+            assert memory._index_options.device == expected
+            memory.bind(Manifest(encoder="e", encoder_name="e", compressor="c", dim=8, embedder="x", embed_dim=4))
+            vectors = np.eye(4, dtype=np.float32)
+            for i in range(4):
+                memory.add_segment(stream="cam", start=4.0 * i, end=4.0 * (i + 1), frames=1, cut=False,
+                                   tokens=np.zeros((2, 8), np.float16), slow=2, embedding=vectors[i])
+            hits = memory.search(vectors[2], k=1)
+            assert [row.start for row, _ in hits] == [8.0]
+        finally:
+            app.close()
