@@ -133,7 +133,10 @@ class Analyser:
         self.sampler = TimeSampler(options.fps)
         self.motion = MotionGate(options.motion) if options.motion is not None else None
         self._moved: set[float] = set()  # times of sampled frames the motion gate kept because blocks changed
-        self.segmenter = Segmenter(stream, max_frames=options.max_segment_frames, period=1.0 / options.fps)
+        # the last segment lasts one sample period past its last frame; with motion gating a skipped frame means
+        # "as the last kept one", so it lasts up to the keyframe interval (clipped to the end of the video)
+        period = 1.0 / options.fps if options.motion is None else max(1.0 / options.fps, options.motion.keyframe_seconds)
+        self.segmenter = Segmenter(stream, max_frames=options.max_segment_frames, period=period)
         self.static = (StaticCheck(options.static_threshold, options.static_max_seconds)
                        if options.static_threshold > 0 else None)
         self._since_sample = 0.0  # the largest content score since the last sampled frame
