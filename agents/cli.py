@@ -316,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if level > logging.DEBUG:
-        for noisy in ("transformers", "sentence_transformers", "huggingface_hub", "httpx"):
+        for noisy in ("transformers", "sentence_transformers", "huggingface_hub", "httpx", "torchao", "torch.utils._pytree",
+                      "nncf"):  # optional accelerators transformers imports when installed talk at import
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
