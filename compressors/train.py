@@ -29,13 +29,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from vidmem.compressors import Compressor, build_compressor
-from vidmem.compressors.checkpoint import (  # noqa: F401 - load_compressor and friends are imported from here too
+from vidmem.compressors.checkpoint import (
     RunIdentity,
     TrainState,
     load_compressor,
@@ -54,7 +54,7 @@ from vidmem.compressors.dataset import (
     default_cache_dir,
     in_window,
     read_examples,
-    sampled_frames as decode_frames,  # noqa: F401 - tests and benches read clips' frames from here
+    sampled_frames as decode_frames,
     split_validation,
     thin,
 )
@@ -62,6 +62,10 @@ from vidmem.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+__all__ = [  # checkpoint I/O and clip reading live in checkpoint.py and dataset.py; older imports find them here
+    "OBJECTIVES", "TrainOptions", "TrainReport", "answer_loss", "decode_frames", "load_compressor", "load_examples",
+    "read_checkpoint_config", "save_checkpoint", "train",
+]
 OBJECTIVES = ("caption", "qa", "reconstruction")
 _ALIASES = {"reconstruct": "reconstruction", "svc": "reconstruction", "stage1": "caption"}
 
