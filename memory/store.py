@@ -748,10 +748,22 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise MemoryStoreError(f"the memory is busy or read-only: {exc}.") from exc
     try:
         yield conn
+    except sqlite3.OperationalError as exc:  # a full disk or an I/O error inside the transaction
+        _rollback(conn)
+        raise MemoryStoreError(f"the memory could not be written: {exc}.") from exc
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:  # SQLite could not grow its files: nothing of this transaction stays
+        _rollback(conn)
+        raise MemoryStoreError(f"the memory could not be written: {exc}.") from exc
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _chunk_limit(max_bytes: int | None, chunk_bytes: int) -> int:
