@@ -43,10 +43,13 @@ class Settings:
     max_new_tokens: int = 256  # answer length limit
     feature_cache: bool = False  # STC cacher: reuse vision features of near-identical frames instead of re-encoding
     prune: float = 1.0  # STC pruner: share of each segment's tokens shown to the model; selection spends budget / prune
+    token_dtype: str = "float16"  # how new segments store their tokens: float16, or int8 with one scale per token
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune <= 1.0:
             raise ConfigError(f"prune must be a share of tokens in (0, 1], not {self.prune}")
+        if self.token_dtype not in ("float16", "int8"):
+            raise ConfigError(f"token dtype must be float16 or int8, not {self.token_dtype!r}")
 
 
 @dataclass
@@ -135,13 +138,15 @@ class Vidmem:
         self._memory = self._vlm = self._embedder = self._compressor = self._answerer = None
         self._caption_embedder = self._compressor_tag = None
         self.live: dict[str, KeptPrefix] = {}  # live streams' kept KV caches of their recent window
+        self._status_writer = None  # one thread recording sources' states in the memory, in order
 
     @property
     def memory(self):
         """The memory directory, opened on first use (so a model that fails to load leaves no trace on disk)."""
         from vidmem.memory import Memory
 
-        return self._once("_memory", lambda: Memory.open(self.settings.memory, readonly=self.readonly))
+        return self._once("_memory", lambda: Memory.open(self.settings.memory, readonly=self.readonly,
+                                                         token_dtype=self.settings.token_dtype))
 
     # ---- lazily loaded models -----------------------------------------------------------------------
     def _once(self, attribute: str, load: Callable[[], object]):
@@ -242,13 +247,64 @@ class Vidmem:
         progress: bool = False,
         stop: asyncio.Event | None = None,
         on_segment: Callable[[object, object], None] | None = None,
+        on_status: Callable[[str, object], None] | None = None,
     ):
-        """Run the ingest loop from `source` into `stream`; returns the stream stage's IngestReport."""
+        """Run the ingest loop from `source` into `stream`; returns the stream stage's IngestReport.
+
+        The source's state changes (live, reconnecting, ended) and gaps are recorded in the memory and passed to
+        `on_status(stream, SourceStatus)` (from the thread that made the change). Retention is enforced after.
+        """
         from vidmem.stream.ingest import IngestOptions, ingest
 
         await asyncio.to_thread(self._prepare_ingest)
+        self.watch_source(source, stream, on_status)
         sink = MemorySink(self, stream, on_segment=on_segment)
-        return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress, stop=stop)
+        try:
+            return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
+                                stop=stop)
+        finally:
+            await asyncio.to_thread(self._after_ingest, stream)
+
+    def watch_source(self, source, stream: str, on_status: Callable[[str, object], None] | None = None) -> None:
+        """Record `source`'s state and gaps in the memory as they change, and pass them to `on_status`."""
+        if getattr(source, "on_status", None) is None:
+            return
+
+        def listener(status) -> None:  # any thread; the memory write goes to one ordered worker
+            if not self.readonly:
+                self._record_status(stream, status)
+            if on_status is not None:
+                on_status(stream, status)
+
+        source.on_status.append(listener)
+        listener(source.status)  # the state it is in already
+
+    def _record_status(self, stream: str, status) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            if self._status_writer is None:
+                self._status_writer = ThreadPoolExecutor(1, thread_name_prefix="vidmem-status")
+            writer = self._status_writer
+
+        def write() -> None:
+            try:
+                self.memory.record_source(stream, status.to_json(), status.new_gap)
+            except VidmemError as exc:
+                log.warning("could not record the state of stream %s: %s", stream, exc)
+
+        try:
+            writer.submit(write)
+        except RuntimeError:  # closing
+            pass
+
+    def _after_ingest(self, stream: str) -> None:
+        if self._status_writer is not None:  # the states recorded so far land before the memory closes
+            self._status_writer.submit(lambda: None).result()
+        try:
+            self.memory.apply_retention(stream)
+        except VidmemError as exc:
+            log.info("enforcing retention after ingesting stream %s failed: %s", stream, exc)
 
     def _prepare_ingest(self) -> None:
         self.memory.bind(self.manifest())  # refuses a memory made with another encoder before any work
@@ -439,5 +495,8 @@ class Vidmem:
         self.compressor, self.embedder  # noqa: B018 - properties load on access
 
     def close(self) -> None:
+        if self._status_writer is not None:
+            self._status_writer.shutdown(wait=True)
+            self._status_writer = None
         if self._memory is not None:
             self._memory.close()

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-cache", action="store_true",
                    help="reuse vision features of near-identical frames instead of encoding them again (STC cacher)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
+    _token_dtype(p)
     _common(p)
 
     p = sub.add_parser("ask", help="answer a question from the memory")
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("VIDMEM_TOKEN"), help="required bearer token")
     p.add_argument("--mqtt", help="also monitor the live streams over MQTT (mqtt://[user:pass@]host:port)")
     p.add_argument("--rules", type=Path, help="watch rules (YAML or JSON) for --mqtt")
+    _token_dtype(p)
     _common(p)
 
     p = sub.add_parser("monitor", help="ingest sources and watch them, with events and questions over MQTT")
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-insecure", action="store_true", help="mqtts:// without checking the certificate (testing only)")
     p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
     p.add_argument("--reconnect-max", type=float, default=30.0, help="longest wait between reconnects, seconds (default 30)")
+    p.add_argument("--source-backoff-max", type=float, default=30.0,
+                   help="longest wait between a lost camera's reconnection attempts, seconds (default 30; it never "
+                        "gives up)")
+    _token_dtype(p)
     _common(p)
 
     p = sub.add_parser("train", help="train a compressor (Clapper stage 1, or SVC reconstruction)")
@@ -130,9 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common(p)
 
-    p = sub.add_parser("stats", help="streams, segments, bytes and time covered")
+    p = sub.add_parser("stats", help="streams, segments, bytes, time covered, source states and retention")
+    _common(p)
+
+    p = sub.add_parser("retention", help="how much footage to keep: per stream, or a disk budget for the memory")
+    p.add_argument("--stream", help="set this stream's limits (default: the whole memory's)")
+    p.add_argument("--max-age", help="drop footage older than this: 90s, 30m, 12h, 7d (or 'none')")
+    p.add_argument("--max-bytes", help="keep the stream (or the whole memory) under this size: 500MB, 20GB (or 'none')")
     _common(p)
     return parser
+
+
+def _token_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-dtype", choices=("float16", "int8"), default="float16",
+                        help="how new segments store their tokens (int8: half the disk, one scale per token)")
 
 
 def _settings(args: argparse.Namespace):
@@ -147,6 +164,7 @@ def _settings(args: argparse.Namespace):
         feature_cache=getattr(args, "feature_cache", False),
         prune=getattr(args, "prune", 1.0),
         caption_embedder=getattr(args, "caption_embedder", None),
+        token_dtype=getattr(args, "token_dtype", "float16"),
     )
 
 
@@ -233,10 +251,92 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     with Memory.open(args.memory, readonly=True) as memory:
         stats = memory.stats()
-    lines = [f"{args.memory}: {stats['segments']} segments, {stats['bytes']} bytes, {stats['seconds_covered']:.1f} s covered"]
+    lines = [f"{args.memory}: {stats['segments']} segments, {_size(stats['bytes'])} of tokens, "
+             f"{_size(stats['disk_bytes'])} on disk, {stats['seconds_covered']:.1f} s covered; "
+             f"retention: {_limits(stats['retention'], budget=True)}"]
     for s in stats["streams"]:
-        lines.append(f"  {s['name']}: {s['segments']} segments, {s['bytes']} bytes, {s['start']:.1f}-{s['end']:.1f} s")
+        span = f"{s['start']:.1f}-{s['end']:.1f} s" if s["start"] is not None else "empty"
+        source = s.get("source")
+        state = f"; source {source['state']} since {datetime.fromtimestamp(source['since']).isoformat(timespec='seconds')}" \
+            if source else ""
+        lines.append(f"  {s['name']}: {s['segments']} segments, {_size(s['bytes'])}, {span}{state}, "
+                     f"{s['gaps']} gaps; retention: {_limits(s['retention'])}")
     _emit(args, stats, "\n".join(lines))
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _limits(retention: dict, *, budget: bool = False) -> str:
+    parts = []
+    if retention.get("max_age_seconds") is not None:
+        parts.append(f"max age {retention['max_age_seconds']:g} s")
+    if retention.get("max_bytes") is not None:
+        parts.append(f"{'disk budget' if budget else 'max'} {_size(retention['max_bytes'])}")
+    return ", ".join(parts) or "keep everything"
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+              "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_duration(text: str) -> float | None:
+    """'7d', '12h', '30m', '90s' or plain seconds -> seconds; 'none' -> None (no limit)."""
+    import re
+
+    if text.strip().lower() in ("none", "off", "0"):
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(f"cannot read the age '{text}': give a positive number with s, m, h, d or w (e.g. 7d)")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+def parse_size(text: str) -> int | None:
+    """'20GB', '500MB', '1.5GiB' or plain bytes -> bytes; 'none' -> None (no limit)."""
+    import re
+
+    if text.strip().lower() in ("none", "off", "0"):
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in ("", *SIZE_UNITS) or float(match.group(1)) <= 0:
+        raise ConfigError(f"cannot read the size '{text}': give a positive number with kB, MB, GB or TB (e.g. 20GB)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2) or "b"])
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from vidmem.memory import Memory, Retention, check_stream_name
+
+    stream = check_stream_name(args.stream) if args.stream else None
+    change = args.max_age is not None or args.max_bytes is not None
+    age = parse_duration(args.max_age) if args.max_age is not None else None
+    size = parse_size(args.max_bytes) if args.max_bytes is not None else None
+    with Memory.open(args.memory, readonly=not change) as memory:
+        deleted = 0
+        if change:
+            current = memory.retention(stream) if stream is None or memory.has_stream(stream) else Retention()
+            retention = Retention(max_age_seconds=age if args.max_age is not None else current.max_age_seconds,
+                                  max_bytes=size if args.max_bytes is not None else current.max_bytes)
+            memory.set_retention(stream, retention)
+            deleted = memory.apply_retention()  # enforced now; every writer keeps enforcing it
+        if stream is not None and not memory.has_stream(stream):
+            raise ConfigError(f"unknown stream '{stream}'; the memory holds: "
+                              f"{', '.join(s.name for s in memory.streams()) or 'none yet'}")
+        retention = memory.retention(stream)
+        disk = memory.disk_usage()
+    payload = {"stream": stream, "max_age_seconds": retention.max_age_seconds, "max_bytes": retention.max_bytes,
+               "deleted_segments": deleted, "disk_bytes": disk}
+    who = f"stream {stream}" if stream else "the memory"
+    text = f"retention of {who}: {_limits(payload, budget=stream is None)}"
+    if change:
+        text += f"; {deleted} segments deleted now, {_size(disk)} on disk"
+    _emit(args, payload, text)
     return 0
 
 
@@ -284,7 +384,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "serve": cmd_serve, "monitor": cmd_monitor, "train": cmd_train,
-            "stats": cmd_stats}
+            "stats": cmd_stats, "retention": cmd_retention}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
