@@ -121,6 +121,9 @@ class MonitorOptions:
     trigger_budget: int = 6000  # visual tokens for a trigger's description
     snapshots: bool = True  # attach the keyframe JPEG (base64) to events
     fps: float = 1.0  # sampled frames per second for --source ingest
+    source_backoff_max: float = 30.0  # seconds: the longest wait between a lost source's reconnection attempts
+    source_backoff_min: float = 0.5  # seconds before a lost source's first reconnection attempt
+    token_dtype: str = "float16"  # how --source ingest stores tokens (the app's setting decides; kept for messages)
     allow_new_streams: bool = False  # accept rules for streams not seen yet (the live server's future cameras)
 
     def __post_init__(self) -> None:
@@ -130,6 +133,8 @@ class MonitorOptions:
             raise ConfigError(f"qos must be 0, 1 or 2, got {self.qos}.")
         if not 0 < self.reconnect_min <= self.reconnect_max:
             raise ConfigError("reconnect_min must be positive and at most reconnect_max.")
+        if not 0 < self.source_backoff_min <= self.source_backoff_max:
+            raise ConfigError("source_backoff_min must be positive and at most source_backoff_max.")
 
 
 def load_rules_file(path: str | Path) -> list[tuple[str, Rule]]:
@@ -297,6 +302,17 @@ class Monitor:
     def add_stream(self, name: str) -> None:
         """Make a stream known (the live server does when a camera connects), so rules may be set for it."""
         self.streams.add(name)
+
+    def on_source_status(self, stream: str, status) -> None:
+        """A source's state changed (any thread): publish it, retained, on `<prefix>/<stream>/state`."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        body = status.to_json()
+        try:
+            loop.call_soon_threadsafe(self._publish, self.topics.source_state(stream), body, True)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
 
     def on_segment(self, row, segment) -> None:
         """A segment was committed (called from the ingest worker thread): queue it for scoring.
@@ -704,9 +720,9 @@ class Monitor:
 
         try:
             if isinstance(source, (str, Path)):
-                source = await asyncio.to_thread(open_source, str(source))
+                source = await asyncio.to_thread(open_source, str(source), backoff=self.source_backoff())
             report = await self.app.ingest(source, stream=name, options=IngestOptions(fps=self.options.fps), stop=stop,
-                                           on_segment=self.on_segment)
+                                           on_segment=self.on_segment, on_status=self.on_source_status)
             log.info("source %s finished: %d segments, %.1f s of video", name, report.segments, report.video_seconds)
         except VidmemError as exc:
             log.error("source %s failed: %s", name, exc)
@@ -714,6 +730,13 @@ class Monitor:
         finally:
             if not stop.is_set():
                 await self._segments.put(("close", name))
+
+    def source_backoff(self):
+        """How the monitor's cameras reconnect: forever, from the first connection on (a camera may be down when
+        the monitor starts), waiting at most `source_backoff_max` seconds between attempts."""
+        from vidmem.stream import Backoff
+
+        return Backoff(initial=self.options.source_backoff_min, cap=self.options.source_backoff_max, retry_first=True)
 
     # ---- outbound -----------------------------------------------------------------------------------------------
     async def _emit(self, change: EventChange, *, extra: dict | None = None) -> None:
@@ -753,7 +776,7 @@ class Monitor:
             self._snapshots[segment_id] = base64.b64encode(data).decode("ascii") if data else None
         return self._snapshots[segment_id]
 
-    def _publish(self, topic: str, payload: Any, *, retain: bool = False, event: bool = False) -> None:
+    def _publish(self, topic: str, payload: Any, retain: bool = False, *, event: bool = False) -> None:
         if not isinstance(payload, (bytes, bytearray)):
             payload = json.dumps(payload, separators=(",", ":"), allow_nan=False,
                                  default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o)).encode()
@@ -818,6 +841,9 @@ class LiveMonitor:
     def _segment(self, stream: str, row, segment) -> None:
         self.monitor.on_segment(row, segment)
 
+    def _status(self, stream: str, status) -> None:
+        self.monitor.on_source_status(stream, status)
+
     async def __aenter__(self) -> LiveMonitor:
         self.monitor.ready = asyncio.Event()
         self._task = asyncio.create_task(self.monitor.run(self._stop), name="mqtt-monitor")
@@ -827,11 +853,14 @@ class LiveMonitor:
             ready.cancel()
             self._task.result()  # raises BrokerError / ConfigError
         self.server.on_segment.append(self._segment)
+        self.server.on_status.append(self._status)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._segment in self.server.on_segment:
             self.server.on_segment.remove(self._segment)
+        if self._status in self.server.on_status:
+            self.server.on_status.remove(self._status)
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
@@ -868,17 +897,22 @@ async def probe_broker(broker: BrokerConfig, options: MonitorOptions) -> None:
 def monitor_main(args, settings) -> int:
     """`vidmem monitor`: check everything the user gave, load the models, connect, then ingest and watch."""
     from vidmem.agents.app import Vidmem
-    from vidmem.stream import open_source
+    from vidmem.agents.service import upkeep
+    from vidmem.stream import Backoff, open_source
 
     options = MonitorOptions(
         prefix=args.prefix, client_id=getattr(args, "mqtt_client_id", None),
         reconnect_max=getattr(args, "reconnect_max", 30.0) or 30.0, fps=getattr(args, "fps", 1.0) or 1.0,
+        source_backoff_max=getattr(args, "source_backoff_max", 30.0) or 30.0,
+        source_backoff_min=min(0.5, getattr(args, "source_backoff_max", 30.0) or 30.0),
     )
     ca_file, insecure = getattr(args, "mqtt_ca", None), bool(getattr(args, "mqtt_insecure", False))
     parse_mqtt_url(args.mqtt, ca_file=ca_file, insecure=insecure)  # a bad URL fails before any model loads
     rules = load_rules_file(args.rules) if args.rules else []
     specs = parse_source_args(args.source)
-    sources = {name: open_source(url) for name, url in specs.items()}  # a missing file fails here
+    backoff = Backoff(initial=min(options.source_backoff_min, options.source_backoff_max),
+                      cap=options.source_backoff_max, retry_first=True)
+    sources = {name: open_source(url, backoff=backoff) for name, url in specs.items()}  # a missing file fails here
     asyncio.run(probe_broker(parse_mqtt_url(args.mqtt, ca_file=ca_file, insecure=insecure), options))
     app = Vidmem(settings)
     try:
@@ -891,7 +925,12 @@ def monitor_main(args, settings) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await monitor.run(stop)
+            retention = asyncio.create_task(upkeep(app, stop), name="vidmem-retention")
+            try:
+                await monitor.run(stop)
+            finally:
+                stop.set()
+                await retention
 
         asyncio.run(main())
     finally:

@@ -285,6 +285,10 @@ class Topics:
     def state(self, stream: str, rule_id: str) -> str:
         return f"{self.prefix}/{stream}/rule/{rule_id}/state"
 
+    def source_state(self, stream: str) -> str:
+        """Retained: what the stream's source is doing (`{"state": "live" | "reconnecting" | "ended", ...}`)."""
+        return f"{self.prefix}/{stream}/state"
+
     def object_id(self, stream: str, rule_id: str) -> str:
         return re.sub(r"[^A-Za-z0-9_-]", "_", f"{self.prefix}_{stream}_{rule_id}")
 

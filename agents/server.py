@@ -103,6 +103,7 @@ class StreamState:
             "segments": report.segments if report is not None else self.segments,
             "in_segments": report.frames if report is not None else self.frames_stored,
             "finished": report is not None, "failed": self.failed,
+            "source": self.source.status.to_json() if hasattr(self.source, "status") else None,
         }
 
 
@@ -131,6 +132,7 @@ class LiveServer:
         self.limits = limits or Limits()
         self.ingest_options = ingest_options  # vidmem.stream.IngestOptions for live streams; None: live defaults
         self.on_segment: list[SEGMENT_CALLBACK] = []  # called on the event loop after each committed segment
+        self.on_status: list[Callable[[str, Any], None]] = []  # (stream, SourceStatus) on each change, any thread
         self.streams: dict[str, StreamState] = {}
         self.finished: deque[dict] = deque(maxlen=64)  # figures of the streams whose ingest ended, newest last
         self.clients: set[Client] = set()
@@ -238,9 +240,14 @@ class LiveServer:
         return len(state.clients)
 
     def health(self) -> dict:
+        try:  # every source the memory knows of, this server's or another writer's (`vidmem monitor`)
+            sources = self.app.memory.sources()
+        except VidmemError:
+            sources = {}
         return {
             "status": "ok", "streams": [s.figures() for s in self.streams.values()], "clients": len(self.clients),
             "pending_questions": self.pending_questions, "uptime_seconds": round(time.time() - self.started, 3),
+            "sources": sources,
         }
 
     # ---- HTTP ---------------------------------------------------------------------------------------
@@ -497,6 +504,7 @@ class LiveServer:
         try:
             state.report = await self.app.ingest(
                 state.source, stream=state.name, options=self._ingest_options(), on_segment=committed,
+                on_status=self._status_changed,
             )
         except asyncio.CancelledError:
             raise
@@ -518,6 +526,13 @@ class LiveServer:
                 del self.streams[state.name]
             for client in list(state.clients):  # a failed stream's clients reconnect to a fresh one
                 self._spawn(client.connection.close(1011, "the stream stopped being recorded"), "vidmem-close")
+
+    def _status_changed(self, stream: str, status: Any) -> None:
+        for callback in list(self.on_status):
+            try:
+                callback(stream, status)
+            except Exception:  # one broken hook must not stop recording
+                log.exception("an on_status callback failed for stream %s", stream)
 
     def _ingest_options(self) -> Any:
         if self.ingest_options is not None:
@@ -608,9 +623,12 @@ async def _serve(app: Any, args: Any) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    from vidmem.agents.service import upkeep
+
     server = LiveServer(app, host=args.host, port=args.port, token=args.token)
     await server.start()
     monitor = None
+    retention = asyncio.create_task(upkeep(app, stop), name="vidmem-retention")
     try:
         if getattr(args, "mqtt", None):
             monitor = await _attach_monitor(server, args)
@@ -621,9 +639,11 @@ async def _serve(app: Any, args: Any) -> int:
         await stop.wait()
         sys.stderr.write("vidmem: stopping\n")
     finally:
+        stop.set()
         if monitor is not None:
             await monitor.__aexit__(None, None, None)
         await server.stop()
+        await retention
     return 0
 
 
