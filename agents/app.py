@@ -353,11 +353,7 @@ class Vidmem:
     ) -> Selection:
         """Evidence for `question`; `query` replaces its text embedding (e.g. an image embedding to search by)."""
         streams = self._check_streams(streams)
-        timeline = [
-            row for name in (streams or [None]) for row in self.memory.segments(stream=name, since=since, until=until)
-        ]
-        timeline.sort(key=lambda r: (r.start, r.stream, r.id))
-        if not timeline:
+        if all(self.memory.span(stream=name, since=since, until=until) is None for name in (streams or [None])):
             where = f"stream '{streams[0]}'" if streams and len(streams) == 1 else "the memory"
             span = " in that time range" if since is not None or until is not None else ""
             raise VidmemError(f"{where} holds no segments{span}; ingest some video first")
@@ -373,7 +369,35 @@ class Vidmem:
             raise BudgetError(f"a budget of {budget} visual tokens holds nothing; give a positive --budget")
         # With the pruner on, select for the larger budget its pruning brings back within `budget`.
         spend = int(budget / self.settings.prune)
+        timeline = self.evidence_timeline(streams, since, until, candidates, live_streams, replace(opts, budget=spend))
         return select(timeline, candidates, options=replace(opts, budget=spend), live_streams=live_streams)
+
+    ANCHOR_SAMPLES = 2  # anchor candidates drawn per anchor the budget could hold (selection spaces them evenly)
+
+    def evidence_timeline(self, streams, since, until, candidates, live_streams, options: SelectOptions) -> list:
+        """The rows selection may choose from, found by index lookups rather than loading the range: the
+        candidates and their neighbours, each live stream's recent window, and segments spread evenly in time over
+        the range for anchors. A question's cost so stays the same over a day or a month of footage."""
+        from vidmem.agents.select import LOW_TOKENS
+
+        memory = self.memory
+        rows = {row.id: row for row, _ in candidates}
+        for row, _ in candidates[: options.candidates]:
+            for near in memory.neighbours(row, options.neighbours):
+                if (since is None or near.end >= since) and (until is None or near.start <= until):
+                    rows.setdefault(near.id, near)
+        for name in live_streams:
+            bounds = memory.span(stream=name, since=since, until=until)
+            if bounds is not None:
+                window = memory.segments(stream=name, since=max(bounds[1] - options.recent_seconds, since or bounds[0]),
+                                         until=until)
+                rows.update((row.id, row) for row in window)
+        anchors = max(1, min(1024, self.ANCHOR_SAMPLES * (options.budget // LOW_TOKENS)))
+        names = streams or [None]
+        for name in names:
+            for row in memory.spread(max(1, anchors // len(names)), stream=name, since=since, until=until):
+                rows.setdefault(row.id, row)
+        return sorted(rows.values(), key=lambda r: (r.start, r.stream, r.id))
 
     def ask(
         self,

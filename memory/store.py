@@ -41,6 +41,7 @@ UNIX_EPOCH_2001 = 1e9  # seconds; end times past this are unix times, so ages co
 CHANGES_KEPT = 5_000_000  # change-log rows kept at most; an index lagging further behind rebuilds from SQLite
 CHANGES_MIN_KEPT = 10_000  # ... and at least (an index this far behind catches up instead of rebuilding)
 GAPS_KEPT = 10_000  # recorded gaps kept per stream (the newest)
+INDEX_UPKEEP_SECONDS = 60.0  # a writer brings its index up to date and saves it this often (readers load it)
 RETENTION_KEY = "retention"  # meta key of the memory-wide retention (default age, disk budget)
 
 _SEGMENT_COLUMNS = "s.id, t.name, s.start, s.end, s.frames, s.cut, s.tokens, s.slow, s.caption"
@@ -66,6 +67,8 @@ class Memory:
         self._files = tok.TokenFiles(path / "tokens", readonly=readonly)
         self._index_options = index_options
         self._indexes: IndexSet | None = None
+        self._upkeep: threading.Thread | None = None  # a writer's index upkeep in the background
+        self._upkeep_last = float("-inf")  # time.monotonic() of the last one
         self.instance = self._meta("instance") or ""
         manifest = self._meta("manifest")
         self.manifest: Manifest | None = Manifest.from_dict(json.loads(manifest)) if manifest else None
@@ -126,10 +129,19 @@ class Memory:
         self.close()
 
     def close(self) -> None:
+        upkeep = self._upkeep
+        if upkeep is not None:
+            upkeep.join()
         with self._lock:
             if isinstance(self._conn, _Closed):
                 return
             if self._indexes is not None:
+                if not self.readonly:  # leave the index current for the readers that load it
+                    try:
+                        for kind in list(self._indexes.dims):
+                            self._indexes.get(kind)
+                    except (sqlite3.Error, MemoryStoreError) as exc:
+                        log.warning("could not bring the index up to date before closing: %s", exc)
                 self._indexes.close()
             self._files.close()
             self._conn.close()
@@ -252,7 +264,33 @@ class Memory:
                 conn.execute("UPDATE streams SET chunk = ?, chunk_end = ? WHERE id = ?", (chunk, chunk_end, sid))
         for name in incoming:
             self._age_out(name)
+        self._index_upkeep_later()
         return rows
+
+    def _index_upkeep_later(self) -> None:
+        """A writer keeps the index current and saved, in the background, at most every INDEX_UPKEEP_SECONDS, so
+        readers (`vidmem ask`) load it and replay a short tail instead of rebuilding it."""
+        if self.readonly:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._upkeep_last < INDEX_UPKEEP_SECONDS or (self._upkeep is not None and self._upkeep.is_alive()):
+                return
+            self._upkeep_last = now
+
+            def upkeep() -> None:
+                try:
+                    indexes = self._index_set()
+                    if indexes is None:
+                        return
+                    for kind in list(indexes.dims):
+                        indexes.get(kind)
+                    indexes.save()
+                except (MemoryStoreError, sqlite3.Error, OSError) as exc:  # a cache: the next upkeep tries again
+                    log.warning("index upkeep of %s failed: %s", self.path, exc)
+
+            self._upkeep = threading.Thread(target=upkeep, name="vidmem-index-upkeep", daemon=True)
+            self._upkeep.start()
 
     def _prepare(self, item: dict) -> dict:
         """Check one segment and encode its record, outside any lock."""
@@ -409,6 +447,62 @@ class Memory:
                 clauses.append("s.start <= ?")
                 params.append(float(until))
         return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    # -- windows for question evidence: index lookups, never a scan of the range ------------------------------
+    def span(self, *, stream: str | None = None, since: float | None = None,
+             until: float | None = None) -> tuple[float, float] | None:
+        """(first start, last end) of the segments overlapping [since, until], or None when there are none."""
+        where, params = self._range_filter(stream, since, until)
+        with self._lock:
+            first = self._conn.execute(f"SELECT s.start FROM segments s {where} ORDER BY s.start LIMIT 1",
+                                       params).fetchone()
+            if first is None:
+                return None
+            # The last end lies within the longest span of the last start: an index range, not a scan.
+            last = self._conn.execute(f"SELECT s.start FROM segments s {where} ORDER BY s.start DESC LIMIT 1",
+                                      params).fetchone()[0]
+            span = self._conn.execute("SELECT COALESCE(MAX(max_span), 0) FROM streams").fetchone()[0]
+            sep = " AND " if where else "WHERE "
+            end = self._conn.execute(f"SELECT MAX(s.end) FROM segments s {where}{sep}s.start >= ?",
+                                     [*params, last - span]).fetchone()[0]
+        return float(first[0]), float(end)
+
+    def neighbours(self, row: SegmentRow, count: int) -> list[SegmentRow]:
+        """Up to `count` segments of the same stream on each side of `row`, chronological."""
+        if count <= 0:
+            return []
+        # Plain range conditions, so the (stream, start) index serves them; ties on start are sorted out here.
+        with self._lock:
+            sid = self._stream_id(row.stream)
+            before = self._conn.execute(
+                f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id WHERE s.stream_id = ? "
+                "AND s.start <= ? ORDER BY s.start DESC, s.id DESC LIMIT ?", (sid, row.start, count + 8)).fetchall()
+            after = self._conn.execute(
+                f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id WHERE s.stream_id = ? "
+                "AND s.start >= ? ORDER BY s.start, s.id LIMIT ?", (sid, row.start, count + 8)).fetchall()
+        before = [r for r in before if r[2] < row.start or r[0] < row.id][:count]
+        after = [r for r in after if r[2] > row.start or r[0] > row.id][:count]
+        return [_row(r) for r in reversed(before)] + [_row(r) for r in after]
+
+    def spread(self, count: int, *, stream: str | None = None, since: float | None = None,
+               until: float | None = None) -> list[SegmentRow]:
+        """About `count` segments evenly spaced in time over the range: one index lookup each, whatever its length."""
+        bounds = self.span(stream=stream, since=since, until=until)
+        if bounds is None or count <= 0:
+            return []
+        lo, hi = bounds
+        where, params = self._range_filter(stream, since, until)
+        sep = " AND " if where else "WHERE "
+        sql = f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id {where}{sep}s.start >= ? " \
+              "ORDER BY s.start, s.id LIMIT 1"
+        step = (hi - lo) / count
+        out: dict[int, SegmentRow] = {}
+        with self._lock:
+            for k in range(count):
+                r = self._conn.execute(sql, [*params, lo + k * step]).fetchone()
+                if r is not None:
+                    out.setdefault(r[0], _row(r))
+        return sorted(out.values(), key=lambda r: (r.start, r.id))
 
     def last_segment(self, stream: str) -> SegmentRow | None:
         with self._lock:
