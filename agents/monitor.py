@@ -118,6 +118,7 @@ class MonitorOptions:
     segment_queue: int = 64  # segments waiting to be scored; beyond, ingest waits (files) up to segment_wait
     segment_wait: float = 30.0  # seconds a committed segment may wait for room before it is dropped unscored
     verify_budget: int = 1000  # visual tokens for a rule's yes/no verification question (one segment)
+    verify_segments: int = 4  # the newest segments of an event a verification question looks at
     trigger_budget: int = 6000  # visual tokens for a trigger's description
     snapshots: bool = True  # attach the keyframe JPEG (base64) to events
     fps: float = 1.0  # sampled frames per second for --source ingest
@@ -325,7 +326,7 @@ class Monitor:
         if loop is None or self._segments is None or loop.is_closed():
             return
         self.streams.add(row.stream)
-        item = (row, segment.keyframe.image)
+        item = (row, [frame.image for frame in segment.frames])  # every frame: a rule scores the whole segment
         if _on_loop_thread(loop):
             self._put_segment_nowait(item)
             return
@@ -661,57 +662,73 @@ class Monitor:
 
     async def _score_loop(self) -> None:
         while True:
-            row, image = await self._segments.get()
+            row, images = await self._segments.get()
             if row == "close":  # a source finished: end its open events once its segments are scored
-                for tracker in list(self.trackers.get(image, {}).values()):
+                for tracker in list(self.trackers.get(images, {}).values()):
                     for change in tracker.close():
                         await self._emit(change)
                 continue
             if not self.trackers.get(row.stream):
                 continue
             try:
-                await self._score(row, image)
+                await self._score(row, images)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.exception("MQTT: scoring segment %s failed", row.id)
                 self._error(f"{self.options.prefix}/{row.stream}", "internal", f"scoring a segment failed: {exc}")
 
-    async def _score(self, row, image: np.ndarray) -> None:
-        """CLIP similarity of each rule's condition with the keyframe; VLM verification of candidates if asked."""
+    async def _score(self, row, images: list[np.ndarray]) -> None:
+        """CLIP similarity of each rule's condition with every frame of the segment (its best frame counts: an
+        object seen in one of them is in the segment); VLM verification of candidates if asked."""
         trackers = list(self.trackers.get(row.stream, {}).values())
         conditions = [t.rule.condition for t in trackers]
-        image_vec, text_vecs = await asyncio.to_thread(self._embed, image, conditions)
+        image_vecs, text_vecs = await asyncio.to_thread(self._embed, images, conditions)
         self.stats["segments_scored"] += 1
         for tracker, text_vec in zip(trackers, text_vecs):
             if self.trackers.get(row.stream, {}).get(tracker.rule.id) is not tracker:
                 continue  # the rule was changed or deleted meanwhile
-            score = float(np.dot(image_vec, text_vec))
-            verified = None
+            score = float(np.max(image_vecs @ text_vec))  # (T, E) @ (E,) -> (T,): the segment's best frame
+            verified = probability = None
             if tracker.rule.verify and tracker.is_candidate(row.start, score):
-                verified = await asyncio.to_thread(self._verify, tracker.rule, row)
-            for change in tracker.observe(row.start, score, verified, end=row.end, ref=row.id):
+                probability = await asyncio.to_thread(self._verify, tracker, row)
+                verified = None if probability is None else probability >= 0.5
+            for change in tracker.observe(row.start, score, verified, end=row.end, ref=row.id,
+                                          probability=probability):
                 await self._emit(change)
 
-    def _embed(self, image: np.ndarray, conditions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _embed(self, images: list[np.ndarray], conditions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
         embedder = self.app.embedder
         with self._embed_lock:  # one embedder call at a time from the monitor (the ingest worker has its own)
-            image_vec = np.asarray(embedder.embed_images([image])[0], dtype=np.float32)  # (E,)
+            image_vecs = np.asarray(embedder.embed_images(images), dtype=np.float32)  # (T, E)
             missing = [c for c in dict.fromkeys(conditions) if c not in self._text_cache]
             if missing:
+                if len(self._text_cache) > 256:  # conditions come and go with rule edits: keep it bounded
+                    self._text_cache.clear()
                 for condition, vec in zip(missing, embedder.embed_texts(missing)):  # (M, E)
                     self._text_cache[condition] = np.asarray(vec, dtype=np.float32)
-        return image_vec, [self._text_cache[c] for c in conditions]
+        return image_vecs, [self._text_cache[c] for c in conditions]
 
-    def _verify(self, rule: Rule, row) -> bool:
-        """A yes/no question to the VLM restricted to the segment's time range."""
+    def event_rows(self, tracker: RuleTracker, row) -> list:
+        """The segments of the event `row` would belong to: from where the condition started holding (or `row`
+        itself) to `row`, nothing before or after, at most the newest `verify_segments`."""
+        since = tracker.span_start if tracker.span_start is not None else row.start
+        rows = [r for r in self.app.memory.segments(stream=row.stream, since=since, until=row.end)
+                if r.start >= since and r.end <= row.end]
+        return rows[-self.options.verify_segments:] or [row]
+
+    def _verify(self, tracker: RuleTracker, row) -> float | None:
+        """P(yes) of a yes/no question to the VLM over exactly the event's segments (the stretch the condition has
+        held so far, up to `row`; at most `verify_segments` of the newest), from the model's probabilities for
+        the two answers; None when it cannot be asked."""
+        from vidmem.agents.select import Level, Pick
+
         try:
-            answer = self.app.ask(VERIFY_PROMPT.format(condition=rule.condition), streams=[row.stream],
-                                  since=row.start, until=row.end, budget=self.options.verify_budget)
+            picks = [Pick(r, Level.FULL, 0.0, "verify") for r in self.event_rows(tracker, row)]
+            return yes_probability(self.app, VERIFY_PROMPT.format(condition=tracker.rule.condition), picks)
         except VidmemError as exc:
-            log.warning("MQTT: verifying rule %s on segment %s failed: %s", rule.id, row.id, exc)
-            return False
-        return answer.text.strip().lower().lstrip("\"'*").startswith("yes")
+            log.warning("MQTT: verifying rule %s on segment %s failed: %s", tracker.rule.id, row.id, exc)
+            return None
 
     # ---- sources ------------------------------------------------------------------------------------------------
     async def _ingest(self, name: str, source: Any, stop: asyncio.Event) -> None:
@@ -797,6 +814,37 @@ try:  # the exception types a closing connection task may end with
     MqttErrorTypes: tuple = (_MqttError, VidmemError)
 except ImportError:  # pragma: no cover - aiomqtt is a dependency
     MqttErrorTypes = (VidmemError,)
+
+
+YES_WORDS = ("yes", "Yes", " yes", " Yes", "YES")
+NO_WORDS = ("no", "No", " no", " No", "NO")
+
+
+def yes_probability(app, question: str, picks: list) -> float:
+    """P(yes) / (P(yes) + P(no)) for the first token of the answer to `question` over exactly `picks`.
+
+    The probabilities of the spellings of "yes" and of "no" (first tokens) are summed from the language model's
+    logits after the prompt; no text is generated or parsed. This is the one place that reaches into the answer
+    path's prompt pieces; it moves to the VLM adapter's prompt rendering when that lands (agents/vlm.py).
+    """
+    import torch
+
+    answerer = app.answerer
+    tokenizer = app.vlm.tokenizer
+    read = app.memory.read_tokens
+
+    def first_ids(words: tuple[str, ...]) -> list[int]:
+        ids = {tokenizer(w, add_special_tokens=False).input_ids[0] for w in words}
+        return sorted(i for i in ids if isinstance(i, int))
+
+    yes, no = first_ids(YES_WORDS), first_ids(NO_WORDS)
+    with answerer.lock, torch.inference_mode():
+        evidence, _ = answerer.evidence(picks, read)
+        embeds = torch.cat([answerer._text_embeds(answerer.head_text), evidence, answerer.question_embeds(question)])
+        logits = answerer._forward(embeds, answerer.cache_class())[0].float()  # (vocab,)
+    probs = torch.softmax(logits, dim=-1)
+    p_yes, p_no = float(probs[yes].sum()), float(probs[no].sum())
+    return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
