@@ -44,6 +44,7 @@ class Settings:
     feature_cache: bool = False  # STC cacher: reuse vision features of near-identical frames instead of re-encoding
     prune: float = 1.0  # STC pruner: share of each segment's tokens shown to the model; selection spends budget / prune
     token_dtype: str = "float16"  # how new segments store their tokens: float16, or int8 with one scale per token
+    kv_cache_bytes: int = 2 << 30  # kept KV caches (live windows, conversations) held at most, least recent out first
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune <= 1.0:
@@ -137,7 +138,11 @@ class Vidmem:
         self._lock = threading.RLock()
         self._memory = self._vlm = self._embedder = self._compressor = self._answerer = None
         self._caption_embedder = self._compressor_tag = None
-        self.live: dict[str, KeptPrefix] = {}  # live streams' kept KV caches of their recent window
+        from vidmem.agents.kept import KeptCaches
+
+        # Kept KV caches, bounded in bytes: live streams' recent windows (keyed by stream name) and conversations
+        # (keyed by ("conversation", stream, id)) share one LRU.
+        self.live = KeptCaches(settings.kv_cache_bytes)
         self._status_writer = None  # one thread recording sources' states in the memory, in order
 
     @property
@@ -433,6 +438,43 @@ class Vidmem:
         )
         return self.answerer.answer(question, selection.picks, self.memory.read_tokens, on_token=on_token)
 
+    # ---- conversations: follow-ups reuse the first question's evidence and its kept cache ------------
+    def ask_conversation(
+        self,
+        conversation: str,
+        question: str,
+        *,
+        streams: Sequence[str] | None = None,
+        budget: int = 6000,
+        since: float | None = None,
+        until: float | None = None,
+        on_token: Callable[[str], None] | None = None,
+        live: bool = False,
+    ) -> Answer:
+        """A question in conversation `conversation`: the first one selects evidence (the live stream's recent
+        window among it when `live`) and keeps its KV cache; each follow-up is answered on that evidence,
+        prefilling only itself (`cached_tokens` > 0). Conversations live in the byte-bounded LRU of kept caches:
+        one evicted or never seen starts afresh. Blocking: run it in a worker thread from async code."""
+        if not question or not question.strip():
+            raise VidmemError("the question is empty")
+        self.check_answering_weights()
+        key = ("conversation", tuple(streams or ()), conversation)
+        answerer = self.answerer
+        with answerer.lock:
+            kept = self.live.get(key)
+            if kept is not None:
+                return answerer.answer(question, [], self.memory.read_tokens, on_token=on_token, prefix=kept)
+            selection = self.select(question, streams=streams, budget=budget, since=since, until=until,
+                                    live_streams=streams if live else ())
+            answer = answerer.answer(question, selection.picks, self.memory.read_tokens, on_token=on_token)
+            if answerer.kept is not None:
+                self.live[key] = answerer.kept
+            return answer
+
+    def end_conversation(self, conversation: str, streams: Sequence[str] | None = None) -> bool:
+        """Forget a conversation's kept cache; True when there was one."""
+        return self.live.pop(("conversation", tuple(streams or ()), conversation)) is not None
+
     # ---- live streams: a kept KV cache of the recent window ------------------------------------------
     def refresh_live(self, stream: str) -> KeptPrefix | None:
         """Bring `stream`'s kept window up to date with what the memory holds; blocking (model work).
@@ -460,6 +502,7 @@ class Vidmem:
                 if oldest >= last.end - 2 * window and tokens <= LIVE_TOKEN_LIMIT:
                     if new:
                         answerer.extend(kept, new, self.memory.read_tokens)
+                        self.live.refresh(stream)  # it grew in place
                     return kept
             self.live[stream] = kept = answerer.prefill(self._fit(picks), self.memory.read_tokens)
             return kept

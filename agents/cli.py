@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt", help="also monitor the live streams over MQTT (mqtt://[user:pass@]host:port)")
     p.add_argument("--rules", type=Path, help="watch rules (YAML or JSON) for --mqtt")
     _token_dtype(p)
+    _kv_cache(p)
     _common(p)
 
     p = sub.add_parser("monitor", help="ingest sources and watch them, with events and questions over MQTT")
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait between a lost camera's reconnection attempts, seconds (default 30; it never "
                         "gives up)")
     _token_dtype(p)
+    _kv_cache(p)
     _common(p)
 
     p = sub.add_parser("train", help="train a compressor (Clapper stage 1, or SVC reconstruction)")
@@ -147,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _kv_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-mb", type=float, default=2048.0,
+                        help="kept KV caches (live windows, conversations) held at most, in MB; least recent go first")
+
+
 def _token_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-dtype", choices=("float16", "int8"), default="float16",
                         help="how new segments store their tokens (int8: half the disk, one scale per token)")
@@ -165,7 +172,14 @@ def _settings(args: argparse.Namespace):
         prune=getattr(args, "prune", 1.0),
         caption_embedder=getattr(args, "caption_embedder", None),
         token_dtype=getattr(args, "token_dtype", "float16"),
+        kv_cache_bytes=_kv_cache_bytes(getattr(args, "kv_cache_mb", 2048.0)),
     )
+
+
+def _kv_cache_bytes(megabytes: float) -> int:
+    if not megabytes >= 0:
+        raise ConfigError(f"--kv-cache-mb must be zero or more megabytes, not {megabytes}")
+    return int(megabytes * 2**20)
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:

@@ -563,12 +563,18 @@ class Monitor:
 
     async def _answer(self, stream: str, request) -> None:
         await self._check_stream(stream)
-        answer = await asyncio.to_thread(self.app.ask, request.question, streams=[stream], budget=request.budget)
+        if request.conversation is not None:
+            answer = await asyncio.to_thread(self.app.ask_conversation, request.conversation, request.question,
+                                             streams=[stream], budget=request.budget)
+        else:
+            answer = await asyncio.to_thread(self.app.ask, request.question, streams=[stream], budget=request.budget)
         body = answer.to_json()
         self.stats["answers"] += 1
         self._publish(self.topics.answer(stream), {
             "id": request.id, "question": request.question, "answer": answer.text, "segments": body["segments"],
             "ts": time.time(), "visual_tokens": body["visual_tokens"], "seconds": body["seconds"],
+            "conversation": request.conversation, "prefill_tokens": body["prefill_tokens"],
+            "cached_tokens": body["cached_tokens"],
         })
 
     async def _trigger(self, stream: str, request) -> None:

@@ -75,6 +75,7 @@ class Ask:
     id: str  # echoed in the token/answer/error replies
     question: str
     budget: int  # visual-token budget
+    conversation: str | None = None  # asks in one conversation reuse the first one's evidence and kept cache
 
 
 def image_kind(data: bytes) -> str | None:
@@ -138,7 +139,12 @@ def parse_text(text: str, limits: Limits, *, counter: int = 0) -> FrameStamp | A
             qid = str(qid)
         if not isinstance(qid, str) or len(qid) > 128:
             raise LiveError("bad_message", "\"id\" must be a string of at most 128 characters")
-        return Ask(qid, question.strip(), budget)
+        conversation = message.get("conversation")
+        if isinstance(conversation, (int, float)) and not isinstance(conversation, bool):
+            conversation = str(conversation)
+        if conversation is not None and (not isinstance(conversation, str) or not 1 <= len(conversation) <= 128):
+            raise LiveError("bad_message", "\"conversation\" must be a string of 1 to 128 characters")
+        return Ask(qid, question.strip(), budget, conversation)
     if kind is None:
         raise LiveError("bad_message", "a text message needs a \"type\": \"ask\" or \"frame\"")
     raise LiveError("unknown_type", f"unknown message type {str(kind)[:40]!r}; expected \"ask\" or \"frame\"")
@@ -162,7 +168,8 @@ def answer(qid: str, result: Mapping[str, Any]) -> dict:
     return {
         "type": "answer", "id": qid, "text": result["answer"], "segments": result["segments"],
         "visual_tokens": result["visual_tokens"], "ttft_seconds": result["ttft_seconds"],
-        "seconds": result.get("seconds"),
+        "seconds": result.get("seconds"), "prefill_tokens": result.get("prefill_tokens"),
+        "cached_tokens": result.get("cached_tokens"),
     }
 
 

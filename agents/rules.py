@@ -420,6 +420,7 @@ class AskRequest:
     id: str | None  # echoed in the answer; None for a plain-text question
     question: str  # the question
     budget: int  # visual-token budget
+    conversation: str | None = None  # asks in one conversation reuse the first one's evidence and kept cache
 
 
 @dataclass(frozen=True)
@@ -461,7 +462,7 @@ def _check_keys(data: dict, allowed: tuple[str, ...], what: str) -> None:
 
 
 def parse_ask(text: str, *, default_budget: int = 6000) -> AskRequest:
-    """An ask payload: JSON {"id", "question", "budget"} or a plain-text question."""
+    """An ask payload: JSON {"id", "question", "budget", "conversation"} or a plain-text question."""
     stripped = text.strip()
     if not stripped.startswith(("{", "[")):
         if not stripped:
@@ -470,7 +471,7 @@ def parse_ask(text: str, *, default_budget: int = 6000) -> AskRequest:
             raise ProtocolError(f"the question is longer than {MAX_QUESTION_CHARS} characters.")
         return AskRequest(None, stripped, default_budget)
     data = _json_object(stripped, "ask")
-    _check_keys(data, ("id", "question", "budget"), "ask")
+    _check_keys(data, ("id", "question", "budget", "conversation"), "ask")
     request_id = _request_id(data, "ask")
     question = data.get("question")
     if not isinstance(question, str) or not question.strip():
@@ -480,7 +481,10 @@ def parse_ask(text: str, *, default_budget: int = 6000) -> AskRequest:
     budget = data.get("budget", default_budget)
     if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= MAX_BUDGET:
         raise ProtocolError(f"the ask payload's 'budget' must be a whole number of visual tokens from 1 to {MAX_BUDGET}, got {budget!r}.")
-    return AskRequest(request_id, question.strip(), budget)
+    conversation = data.get("conversation")
+    if conversation is not None and (not isinstance(conversation, str) or not 1 <= len(conversation) <= 128):
+        raise ProtocolError(f"the ask payload's 'conversation' must be a string of 1 to 128 characters, got {conversation!r}.")
+    return AskRequest(request_id, question.strip(), budget, conversation)
 
 
 def parse_trigger(text: str) -> TriggerRequest:

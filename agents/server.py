@@ -457,8 +457,12 @@ class LiveServer:
                 loop.call_soon_threadsafe(functools.partial(self._send, client, protocol.token(ask.id, text),
                                                             droppable=True))
 
-            call = functools.partial(self.app.ask, ask.question, streams=[state.name], budget=ask.budget,
-                                     on_token=on_token, live=True)
+            if ask.conversation is not None:
+                call = functools.partial(self.app.ask_conversation, ask.conversation, ask.question,
+                                         streams=[state.name], budget=ask.budget, on_token=on_token, live=True)
+            else:
+                call = functools.partial(self.app.ask, ask.question, streams=[state.name], budget=ask.budget,
+                                         on_token=on_token, live=True)
             result = await loop.run_in_executor(self._answerer, call)
             self._send(client, protocol.answer(ask.id, result.to_json()))
         except VidmemError as exc:
