@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("VIDMEM_TOKEN"), help="required bearer token")
     p.add_argument("--mqtt", help="also monitor the live streams over MQTT (mqtt://[user:pass@]host:port)")
     p.add_argument("--rules", type=Path, help="watch rules (YAML or JSON) for --mqtt")
+    p.add_argument("--prefix", default="vidmem", help="MQTT topic prefix for --mqtt (default vidmem)")
+    p.add_argument("--mqtt-ca", type=Path, help="CA certificate file to check an mqtts:// broker with")
+    p.add_argument("--mqtt-insecure", action="store_true", help="mqtts:// without checking the certificate (testing only)")
+    p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
     _token_dtype(p)
     _kv_cache(p)
     _common(p)
@@ -193,9 +197,12 @@ def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
 def _stream_name(source: str) -> str:
     import re
 
+    from vidmem.memory import check_stream_name
+
     stem = Path(source.split("?")[0].rstrip("/")).stem or "stream"
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "stream"
-    return name[:64] if name[0].isalnum() else "s" + name[:63]
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.-]+", "-", stem)).strip("-.") or "stream"
+    name = name[:64] if name[0].isalnum() else "s" + name[:63]
+    return check_stream_name(name.rstrip("-."))  # the memory's one rule decides
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -355,9 +362,19 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """The websocket server; with --mqtt, the MQTT monitor watches its streams (wired here: neither imports the
+    other)."""
     from vidmem.agents.server import serve_main
 
-    return serve_main(args, _settings(args))
+    attach = None
+    if args.mqtt:
+        from vidmem.agents.monitor import attach_live, parse_mqtt_url
+
+        parse_mqtt_url(args.mqtt, ca_file=args.mqtt_ca, insecure=args.mqtt_insecure)  # a bad URL fails first
+        attach = attach_live
+    elif args.rules or args.mqtt_ca or args.mqtt_insecure:
+        raise ConfigError("--rules, --mqtt-ca and --mqtt-insecure need --mqtt")
+    return serve_main(args, _settings(args), attach=attach)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

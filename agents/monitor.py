@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import signal
 import ssl
 import threading
 import time
@@ -951,7 +950,7 @@ async def probe_broker(broker: BrokerConfig, options: MonitorOptions) -> None:
 def monitor_main(args, settings) -> int:
     """`vidmem monitor`: check everything the user gave, load the models, connect, then ingest and watch."""
     from vidmem.agents.app import Vidmem
-    from vidmem.agents.service import upkeep
+    from vidmem.agents.service import run_service
     from vidmem.stream import Backoff, open_source
 
     options = MonitorOptions(
@@ -969,24 +968,11 @@ def monitor_main(args, settings) -> int:
     sources = {name: open_source(url, backoff=backoff) for name, url in specs.items()}  # a missing file fails here
     asyncio.run(probe_broker(parse_mqtt_url(args.mqtt, ca_file=ca_file, insecure=insecure), options))
     app = Vidmem(settings)
-    try:
-        app.load_models()
-        monitor = Monitor(app, args.mqtt, prefix=options.prefix, rules=rules, sources=sources, options=options,
-                          ca_file=ca_file, insecure=insecure)
+    monitor = Monitor(app, args.mqtt, prefix=options.prefix, rules=rules, sources=sources, options=options,
+                      ca_file=ca_file, insecure=insecure)
 
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            retention = asyncio.create_task(upkeep(app, stop), name="vidmem-retention")
-            try:
-                await monitor.run(stop)
-            finally:
-                stop.set()
-                await retention
+    async def main(stop: asyncio.Event) -> int:
+        await monitor.run(stop)
+        return 0
 
-        asyncio.run(main())
-    finally:
-        app.close()
-    return 0
+    return run_service(app, main, exit_process=True)

@@ -16,7 +16,6 @@ import hmac
 import ipaddress
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -189,19 +188,23 @@ def event(stream: str, payload: Mapping[str, Any]) -> dict:
 
 
 # ---- handshake ----------------------------------------------------------------------------------------
-STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_STREAM = "live"
 
 
 def stream_name(query: Mapping[str, list[str]]) -> str:
-    """The stream a websocket asks for (?stream=NAME), checked; 'live' when none is given."""
+    """The stream a websocket asks for (?stream=NAME), checked by the memory's one stream-name rule
+    (`vidmem.memory.check_stream_name`), so a name accepted here is one the memory stores; 'live' when none."""
+    from vidmem.errors import ConfigError
+    from vidmem.memory.types import check_stream_name
+
     names = query.get("stream") or [DEFAULT_STREAM]
-    name = names[0]
-    if not STREAM_NAME.fullmatch(name):
+    try:
+        return check_stream_name(names[0])
+    except ConfigError:
         raise LiveError(
-            "bad_stream", "the stream name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return name
+            "bad_stream", "the stream name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or "
+                          "digit, without '..'"
+        ) from None
 
 
 def token_ok(expected: str | None, authorization: str | None, query: Mapping[str, list[str]]) -> bool:

@@ -15,7 +15,6 @@ import asyncio
 import functools
 import json
 import logging
-import signal
 import sys
 import time
 from collections import deque
@@ -132,6 +131,7 @@ class LiveServer:
         self.limits = limits or Limits()
         self.ingest_options = ingest_options  # vidmem.stream.IngestOptions for live streams; None: live defaults
         self.on_segment: list[SEGMENT_CALLBACK] = []  # called on the event loop after each committed segment
+        self.stopping = False  # set by stop(): answers in progress end at their next token
         self.on_status: list[Callable[[str, Any], None]] = []  # (stream, SourceStatus) on each change, any thread
         self.streams: dict[str, StreamState] = {}
         self.finished: deque[dict] = deque(maxlen=64)  # figures of the streams whose ingest ended, newest last
@@ -188,6 +188,7 @@ class LiveServer:
 
     async def stop(self, *, timeout: float = 30.0) -> None:
         """Stop accepting, close every websocket, let each stream's ingest flush, then free the pools."""
+        self.stopping = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -454,6 +455,8 @@ class LiveServer:
                                                        "send frames for a few more seconds and ask again") from None
 
             def on_token(text: str) -> None:  # in the answering thread
+                if self.stopping:  # SIGTERM: end the answer at its next token rather than hold the stop up
+                    raise VidmemError("the server is stopping; the answer was cut short")
                 loop.call_soon_threadsafe(functools.partial(self._send, client, protocol.token(ask.id, text),
                                                             droppable=True))
 
@@ -604,9 +607,14 @@ def _response(status: int, body: bytes | str, kind: str = "text/plain; charset=u
 
 
 # ---- the CLI --------------------------------------------------------------------------------------------
-def serve_main(args: Any, settings: Any) -> int:
-    """`vidmem serve`: check the flags, load the models, serve until SIGINT or SIGTERM; returns the exit code."""
+def serve_main(args: Any, settings: Any, *, attach: Callable[[LiveServer, Any], Any] | None = None) -> int:
+    """`vidmem serve`: check the flags, load the models, serve until SIGINT or SIGTERM; returns the exit code.
+
+    `attach(server, args)`, when given, returns an async context manager run for as long as the server (the CLI
+    passes the MQTT monitor's for `--mqtt`); this module knows nothing of what it is.
+    """
     from vidmem.agents.app import Vidmem
+    from vidmem.agents.service import run_service
 
     host, port, token = args.host, args.port, args.token
     if not 0 <= port <= 65535:
@@ -615,27 +623,17 @@ def serve_main(args: Any, settings: Any) -> int:
         raise ConfigError(f"--token is required to listen on {host}, which other machines can reach; "
                           "set --token (or VIDMEM_TOKEN) or listen on 127.0.0.1")
     app = Vidmem(settings)
-    try:
-        app.load_models()  # a missing model fails here, before the port is opened
-        return asyncio.run(_serve(app, args))
-    finally:
-        app.close()
+    return run_service(app, functools.partial(_serve, app, args, attach), exit_process=True)
 
 
-async def _serve(app: Any, args: Any) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    from vidmem.agents.service import upkeep
-
+async def _serve(app: Any, args: Any, attach: Callable[[LiveServer, Any], Any] | None, stop: asyncio.Event) -> int:
     server = LiveServer(app, host=args.host, port=args.port, token=args.token)
     await server.start()
-    monitor = None
-    retention = asyncio.create_task(upkeep(app, stop), name="vidmem-retention")
+    attached = None
     try:
-        if getattr(args, "mqtt", None):
-            monitor = await _attach_monitor(server, args)
+        if attach is not None:
+            attached = attach(server, args)
+            await attached.__aenter__()
         hint = " (add ?token=YOUR_TOKEN)" if server.token else ""
         sys.stderr.write(f"vidmem: serving {server.url}{hint}; websocket at ws://{args.host}:{server.port}{WS_PATH}"
                          f"?stream=NAME; Ctrl-C to stop\n")
@@ -643,20 +641,7 @@ async def _serve(app: Any, args: Any) -> int:
         await stop.wait()
         sys.stderr.write("vidmem: stopping\n")
     finally:
-        stop.set()
-        if monitor is not None:
-            await monitor.__aexit__(None, None, None)
+        if attached is not None:
+            await attached.__aexit__(None, None, None)
         await server.stop()
-        await retention
     return 0
-
-
-async def _attach_monitor(server: LiveServer, args: Any) -> Any:
-    """`--mqtt`: the MQTT monitor watches the live streams (`vidmem.agents.monitor.attach_live(server, args)`)."""
-    try:
-        from vidmem.agents.monitor import attach_live
-    except ImportError as exc:
-        raise ConfigError("--mqtt needs the MQTT monitor (vidmem.agents.monitor), which this build lacks") from exc
-    monitor = attach_live(server, args)  # an async context manager
-    await monitor.__aenter__()
-    return monitor

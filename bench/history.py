@@ -9,6 +9,7 @@ what is measured. For each history length it times, in a fresh process that open
 - `evidence`: `Vidmem.select` (FAISS candidates + index lookups for neighbours, live window and anchors +
   selection under the 6,000-token budget), the part of `ask` that depends on history (the VLM's prefill and
   decode see at most the budget, whatever the history);
+- `search`: the FAISS retrieval inside it alone (`Memory.search`, k=32);
 - `timeline_load`: what the evidence step cost before: loading every segment row in range into Python.
 Both over the whole history and over the last hour. Prints one JSON line; p50/p95 in milliseconds, and the
 ratio 30 days / 1 day side by side. CPU only (no model involved).
@@ -75,11 +76,16 @@ def measure(path: str, queries: int) -> dict:
             selection = app.select("q", streams=["cam"], since=since, query=vec)
             evidence.append(time.perf_counter() - t0)
             picks.append(len(selection.picks))
+        search = []
+        for vec in q:
+            t0 = time.perf_counter()
+            app.memory.search(vec, k=32, streams=["cam"], since=since, kinds=["image"])
+            search.append(time.perf_counter() - t0)
         for _ in range(min(5, queries)):
             t0 = time.perf_counter()
             app.memory.segments(stream="cam", since=since)
             load.append(time.perf_counter() - t0)
-        out[label] = {"evidence_ms": _pcts(evidence), "timeline_load_ms": _pcts(load),
+        out[label] = {"evidence_ms": _pcts(evidence), "search_ms": _pcts(search), "timeline_load_ms": _pcts(load),
                       "picks_mean": float(np.mean(picks))}
     app.close()
     return out

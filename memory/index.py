@@ -231,7 +231,9 @@ class VectorIndex:
             selected = int(np.count_nonzero(mask))
             if selected == 0:
                 return []
-            if selected <= self.options.exact_max:
+            if selected == self.count:  # the filter keeps everything (one stream, the whole range): no selector
+                scores, ids = self._plain_search(q, k)
+            elif selected <= self.options.exact_max:
                 scores, ids = self._exact(q, np.flatnonzero(mask) + lo, k)
             else:
                 if lo:

@@ -293,6 +293,22 @@ def test_a_missing_or_wrong_token_is_refused_at_the_handshake(live):
     assert asyncio.run(scenario()) == [401, 401, 401, 101, 101]
 
 
+def test_the_handshake_applies_the_memorys_stream_name_rule(live):
+    async def status(name: str) -> int:
+        try:
+            async with connect(ws_url(live.server, name)) as ws:
+                await next_of(ws, "ack")
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def scenario():
+        return [await status(name) for name in ("a..b", ".hidden", "cam.1", "x" * 65)]
+
+    # 'a..b' once passed the handshake and then failed at its first commit; now one rule decides everywhere
+    assert asyncio.run(scenario()) == [400, 400, 101, 400]
+
+
 def test_the_page_and_the_health_check_are_served_over_http(live):
     base = f"http://127.0.0.1:{live.server.port}"
     with pytest.raises(urllib.error.HTTPError) as refused:
