@@ -145,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="streams, segments, bytes, time covered, source states and retention")
     _common(p)
 
+    p = sub.add_parser("chat", help="an interactive conversation over the memory (follow-ups reuse the kept cache)")
+    p.add_argument("--stream", action="append", help="limit to this stream (repeatable; /stream changes it)")
+    p.add_argument("--budget", type=int, default=6000, help="visual-token budget per conversation (default 6000)")
+    p.add_argument("--since", help="from this time (seconds, HH:MM:SS, or ISO date-time; /since changes it)")
+    p.add_argument("--until", help="up to this time (/until changes it)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--compressor-weights", type=Path, help="the checkpoint used at ingest (loads its projector)")
+    _kv_cache(p)
+    _common(p)
+
     p = sub.add_parser("retention", help="how much footage to keep: per stream, or a disk budget for the memory")
     p.add_argument("--stream", help="set this stream's limits (default: the whole memory's)")
     p.add_argument("--max-age", help="drop footage older than this: 90s, 30m, 12h, 7d (or 'none')")
@@ -264,6 +274,111 @@ def cmd_ask(args: argparse.Namespace) -> int:
     text = "" if streaming else answer.text + "\n"
     text += f"(from {len(answer.picks)} segments, {answer.visual_tokens} visual tokens: {cited})"
     _emit(args, answer.to_json(), text)
+    return 0
+
+
+CHAT_HELP = """commands:
+  /stream NAME [NAME...]  ask about these streams (/stream all: every stream)
+  /since T, /until T      the time range (seconds, HH:MM:SS or ISO date-time; 'none' clears it)
+  /new                    start a new conversation (new evidence for the next question)
+  /history                the questions and answers so far
+  /help, /quit"""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A terminal conversation: the first question of a conversation selects evidence, follow-ups reuse its kept
+    cache (prefilling only themselves); changing the streams or the range starts a new conversation."""
+    import uuid
+
+    from vidmem.agents.app import Vidmem
+
+    try:
+        import readline  # noqa: F401 - line editing and history for input(), where the platform has it
+    except ImportError:
+        pass
+    app = Vidmem(_settings(args), readonly=True)
+    streams = list(args.stream) if args.stream else None
+    since, until = parse_time(args.since), parse_time(args.until)
+    history: list[tuple[str, str]] = []
+    conversation = uuid.uuid4().hex[:12]
+    interactive = sys.stdin.isatty() and not args.json
+
+    def say(text: str) -> None:
+        if not args.json:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    try:
+        app.memory  # noqa: B018 - fail on a missing memory before loading any model
+        if streams:
+            app._check_streams(streams)
+        say("vidmem chat: ask about the memory; /help for commands, /quit to leave")
+        while True:
+            try:
+                line = input("> " if interactive else "").strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line.startswith("/"):
+                command, _, rest = line[1:].partition(" ")
+                rest = rest.strip()
+                try:
+                    if command in ("quit", "exit", "q"):
+                        break
+                    if command == "help":
+                        say(CHAT_HELP)
+                    elif command == "history":
+                        for question, answer in history:
+                            say(f"> {question}\n{answer}")
+                    elif command == "new":
+                        conversation = uuid.uuid4().hex[:12]
+                        say("(a new conversation)")
+                    elif command == "stream":
+                        names = rest.split() if rest and rest != "all" else None
+                        if names:
+                            app._check_streams(names)
+                        streams, conversation = names, uuid.uuid4().hex[:12]
+                        say(f"(streams: {', '.join(names) if names else 'all'}; a new conversation)")
+                    elif command in ("since", "until"):
+                        value = None if rest.lower() in ("", "none") else parse_time(rest)
+                        if command == "since":
+                            since = value
+                        else:
+                            until = value
+                        conversation = uuid.uuid4().hex[:12]
+                        say(f"({command} {rest or 'none'}; a new conversation)")
+                    else:
+                        raise ConfigError(f"unknown command /{command}; /help lists them")
+                except VidmemError as exc:
+                    sys.stderr.write(f"vidmem: error: {exc}\n")
+                continue
+            streaming = interactive
+
+            def on_token(text: str) -> None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+            try:
+                answer = app.ask_conversation(conversation, line, streams=streams, budget=args.budget, since=since,
+                                              until=until, on_token=on_token if streaming else None)
+            except VidmemError as exc:  # one bad question does not end the conversation
+                sys.stderr.write(f"vidmem: error: {exc}\n")
+                continue
+            history.append((line, answer.text))
+            if args.json:
+                sys.stdout.write(json.dumps({"conversation": conversation, "question": line, **answer.to_json()}) + "\n")
+                sys.stdout.flush()
+                continue
+            if streaming:
+                sys.stdout.write("\n")
+            else:
+                say(answer.text)
+            cited = "; ".join(f"{s['stream']} {s['start']:.1f}-{s['end']:.1f}s" for s in answer.segments()[:6])
+            say(f"({answer.visual_tokens} visual tokens from {len(answer.picks)} segments: {cited}; "
+                f"{answer.cached_tokens} prompt tokens reused, {answer.prefill_tokens} computed)")
+    finally:
+        app.close()
     return 0
 
 
@@ -415,7 +530,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "serve": cmd_serve, "monitor": cmd_monitor, "train": cmd_train,
-            "stats": cmd_stats, "retention": cmd_retention}
+            "stats": cmd_stats, "retention": cmd_retention, "chat": cmd_chat}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
