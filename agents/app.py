@@ -55,8 +55,9 @@ class Settings:
 
 @dataclass
 class EncodedSegment:
-    tokens: np.ndarray  # (N, D) float16, vision space
+    tokens: np.ndarray  # (N, H) float16, the language model's input space
     slow: int  # keyframe tokens among the N
+    views: str  # JSON: how each detail level shows the segment (compressors.Views)
     embedding: np.ndarray  # (E,) float32, L2-normalised CLIP image embedding of the keyframe
     keyframe_jpeg: bytes
 
@@ -104,16 +105,18 @@ class MemorySink:
             embeddings = app.embedder.embed_images([s.keyframe.image for s in segments])  # (B, E)
             out, offset = [], 0
             for segment, embedding in zip(segments, embeddings):
-                block = app.compressor(features[offset : offset + len(segment)].to(app.compressor_dtype))
+                block = app.vlm.compress(app.compressor, features[offset : offset + len(segment)].to(app.compressor_dtype))
                 offset += len(segment)
                 tokens = block.tokens.detach().to("cpu", torch.float16).numpy()
-                out.append(EncodedSegment(tokens, block.slow, embedding.astype(np.float32), jpeg(segment.keyframe.image)))
+                out.append(EncodedSegment(tokens, block.slow, block.views.to_json(), embedding.astype(np.float32),
+                                          jpeg(segment.keyframe.image)))
         return out
 
     def commit(self, segment, encoded: EncodedSegment) -> int:
         row = self.app.memory.add_segment(
             stream=self.stream, start=segment.start, end=segment.end, frames=len(segment), cut=segment.cut,
             tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg,
+            views=encoded.views,
         )
         self.last_row = row
         if self.app.settings.captions:
@@ -236,9 +239,10 @@ class Vidmem:
     def manifest(self):
         from vidmem.memory import Manifest
 
+        self.compressor  # noqa: B018 - loads trained weights first: a trained projector changes the fingerprint
         return Manifest(
-            encoder=self.encoder.fingerprint, encoder_name=self.encoder.name, compressor=self.compressor_tag(),
-            dim=self.encoder.dim,
+            encoder=self.vlm.fingerprint, encoder_name=self.encoder.name, compressor=self.compressor_tag(),
+            dim=self.vlm.hidden_size,
             embedder=self.embedder.name, embed_dim=self.embedder.dim,
         )
 
@@ -374,17 +378,37 @@ class Vidmem:
             raise BudgetError(f"a budget of {budget} visual tokens holds nothing; give a positive --budget")
         # With the pruner on, select for the larger budget its pruning brings back within `budget`.
         spend = int(budget / self.settings.prune)
-        timeline = self.evidence_timeline(streams, since, until, candidates, live_streams, replace(opts, budget=spend))
-        return select(timeline, candidates, options=replace(opts, budget=spend), live_streams=live_streams)
+        room = self.context_room(question)
+        opts = replace(opts, budget=min(spend, room))
+        timeline = self.evidence_timeline(streams, since, until, candidates, live_streams, opts)
+        selection = select(timeline, candidates, options=opts, live_streams=live_streams)
+        # the timestamps and newlines around each segment take room in the model's context too
+        overhead = len(selection.picks) * self.vlm.span_tokens
+        if selection.visual_tokens + overhead > room:
+            fit = replace(opts, budget=max(1, room - overhead))
+            selection = select(timeline, candidates, options=fit, live_streams=live_streams)
+        selection.budget = budget
+        return selection
+
+    def context_room(self, question: str) -> int:
+        """Visual tokens and timestamps that fit in the model's context beside the template, question and answer."""
+        vlm = self.vlm
+        asked = vlm.count_tokens(question)
+        if asked > vlm.context_length // 2:
+            raise BudgetError(
+                f"the question is {asked} tokens long, more than half the model's context ({vlm.context_length}); "
+                "ask a shorter question"
+            )
+        text = vlm.count_tokens(vlm.layout.head) + vlm.count_tokens(vlm.layout.tail(question))
+        return vlm.context_length - self.settings.max_new_tokens - text
 
     ANCHOR_SAMPLES = 2  # anchor candidates drawn per anchor the budget could hold (selection spaces them evenly)
+    ANCHOR_TOKENS = 49  # a typical low-detail view (TimePerceiver's fast tokens), to size the anchor sample
 
     def evidence_timeline(self, streams, since, until, candidates, live_streams, options: SelectOptions) -> list:
         """The rows selection may choose from, found by index lookups rather than loading the range: the
         candidates and their neighbours, each live stream's recent window, and segments spread evenly in time over
         the range for anchors. A question's cost so stays the same over a day or a month of footage."""
-        from vidmem.agents.select import LOW_TOKENS
-
         memory = self.memory
         rows = {row.id: row for row, _ in candidates}
         for row, _ in candidates[: options.candidates]:
@@ -397,7 +421,7 @@ class Vidmem:
                 window = memory.segments(stream=name, since=max(bounds[1] - options.recent_seconds, since or bounds[0]),
                                          until=until)
                 rows.update((row.id, row) for row in window)
-        anchors = max(1, min(1024, self.ANCHOR_SAMPLES * (options.budget // LOW_TOKENS)))
+        anchors = max(1, min(1024, self.ANCHOR_SAMPLES * (options.budget // self.ANCHOR_TOKENS)))
         names = streams or [None]
         for name in names:
             for row in memory.spread(max(1, anchors // len(names)), stream=name, since=since, until=until):

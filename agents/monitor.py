@@ -828,25 +828,22 @@ NO_WORDS = ("no", "No", " no", " No", "NO")
 def yes_probability(app, question: str, picks: list) -> float:
     """P(yes) / (P(yes) + P(no)) for the first token of the answer to `question` over exactly `picks`.
 
-    The probabilities of the spellings of "yes" and of "no" (first tokens) are summed from the language model's
-    logits after the prompt; no text is generated or parsed. This is the one place that reaches into the answer
-    path's prompt pieces; it moves to the VLM adapter's prompt rendering when that lands (agents/vlm.py).
+    The prompt is the VLM adapter's own (`prompt_embeds`: the checkpoint's chat template around the timestamped
+    evidence and the question, generation prompt included); the probabilities of the spellings of "yes" and of
+    "no" (their first tokens) are summed from the language model's logits after it. Nothing is generated or parsed.
     """
     import torch
 
-    answerer = app.answerer
-    tokenizer = app.vlm.tokenizer
-    read = app.memory.read_tokens
+    vlm = app.vlm
 
     def first_ids(words: tuple[str, ...]) -> list[int]:
-        ids = {tokenizer(w, add_special_tokens=False).input_ids[0] for w in words}
-        return sorted(i for i in ids if isinstance(i, int))
+        return sorted({int(vlm.ids(w)[0]) for w in words if vlm.count_tokens(w)})
 
     yes, no = first_ids(YES_WORDS), first_ids(NO_WORDS)
+    answerer = app.answerer
     with answerer.lock, torch.inference_mode():
-        evidence, _ = answerer.evidence(picks, read)
-        embeds = torch.cat([answerer._text_embeds(answerer.head_text), evidence, answerer.question_embeds(question)])
-        logits = answerer._forward(embeds, answerer.cache_class())[0].float()  # (vocab,)
+        evidence, _ = answerer.evidence(picks, app.memory.read_tokens)
+        logits = vlm.forward(vlm.prompt_embeds(question, evidence))[0].float()  # (vocab,)
     probs = torch.softmax(logits, dim=-1)
     p_yes, p_no = float(probs[yes].sum()), float(probs[no].sum())
     return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5
