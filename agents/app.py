@@ -119,8 +119,10 @@ class MemorySink:
             views=encoded.views,
         )
         self.last_row = row
-        if self.app.settings.captions:
-            self.app.caption(row)
+        if self.app.settings.captions:  # model work: after questions, verification and live refresh
+            from vidmem.agents.scheduler import Priority
+
+            self.app.scheduler.run(Priority.CAPTION, lambda: self.app.caption(row))
         if self.on_segment is not None:
             self.on_segment(row, segment)
         return row.tokens
@@ -147,6 +149,7 @@ class Vidmem:
         # (keyed by ("conversation", stream, id)) share one LRU.
         self.live = KeptCaches(settings.kv_cache_bytes)
         self._status_writer = None  # one thread recording sources' states in the memory, in order
+        self._scheduler = None  # model work by priority (agents/scheduler.py), started on first use
 
     @property
     def memory(self):
@@ -163,6 +166,13 @@ class Vidmem:
             if getattr(self, attribute) is None:
                 setattr(self, attribute, load())
             return getattr(self, attribute)
+
+    @property
+    def scheduler(self):
+        """The one queue of model work, by priority: questions, verification, live refresh, captions."""
+        from vidmem.agents.scheduler import Scheduler
+
+        return self._once("_scheduler", Scheduler)
 
     @property
     def vlm(self):
@@ -586,6 +596,8 @@ class Vidmem:
         self.compressor, self.embedder  # noqa: B018 - properties load on access
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
         if self._status_writer is not None:
             self._status_writer.shutdown(wait=True)
             self._status_writer = None

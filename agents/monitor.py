@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from vidmem.agents.scheduler import Priority
 from vidmem.agents.rules import (
     Event,
     EventChange,
@@ -563,10 +565,11 @@ class Monitor:
     async def _answer(self, stream: str, request) -> None:
         await self._check_stream(stream)
         if request.conversation is not None:
-            answer = await asyncio.to_thread(self.app.ask_conversation, request.conversation, request.question,
-                                             streams=[stream], budget=request.budget)
+            call = functools.partial(self.app.ask_conversation, request.conversation, request.question,
+                                     streams=[stream], budget=request.budget)
         else:
-            answer = await asyncio.to_thread(self.app.ask, request.question, streams=[stream], budget=request.budget)
+            call = functools.partial(self.app.ask, request.question, streams=[stream], budget=request.budget)
+        answer = await self._model(Priority.INTERACTIVE, call)
         body = answer.to_json()
         self.stats["answers"] += 1
         self._publish(self.topics.answer(stream), {
@@ -584,8 +587,8 @@ class Monitor:
         if last is None:
             raise VidmemError(f"stream '{stream}' holds no segments yet; nothing to look at.")
         until, since = last.end, last.end - request.window_seconds
-        answer = await asyncio.to_thread(self.app.ask, request.prompt, streams=[stream], since=since, until=until,
-                                         budget=self.options.trigger_budget)
+        answer = await self._model(Priority.INTERACTIVE, functools.partial(
+            self.app.ask, request.prompt, streams=[stream], since=since, until=until, budget=self.options.trigger_budget))
         self._triggers += 1
         start = max(since, min((p.row.start for p in answer.picks), default=since))
         event = Event(
@@ -614,6 +617,10 @@ class Monitor:
             self._install(stream, change.rule)
         self._publish_rules_state(stream)
         log.info("MQTT: rules of %s are now %s", stream, ", ".join(self.trackers.get(stream, {})) or "none")
+
+    async def _model(self, priority: Priority, call: Callable[[], Any]) -> Any:
+        """Run model work through the app's scheduler (BusyError when its queue for `priority` is full)."""
+        return await asyncio.wrap_future(self.app.scheduler.submit(priority, call))
 
     # ---- rules and scoring ------------------------------------------------------------------------------------
     def _load_rules(self) -> None:
@@ -696,7 +703,10 @@ class Monitor:
             score = float(np.max(image_vecs @ text_vec))  # (T, E) @ (E,) -> (T,): the segment's best frame
             verified = probability = None
             if tracker.rule.verify and tracker.is_candidate(row.start, score):
-                probability = await asyncio.to_thread(self._verify, tracker, row)
+                try:
+                    probability = await self._model(Priority.VERIFY, functools.partial(self._verify, tracker, row))
+                except VidmemError as exc:  # busy: the segment counts as unverified
+                    log.warning("MQTT: no verification of rule %s on segment %s: %s", tracker.rule.id, row.id, exc)
                 verified = None if probability is None else probability >= 0.5
             for change in tracker.observe(row.start, score, verified, end=row.end, ref=row.id,
                                           probability=probability):

@@ -85,7 +85,6 @@ class StreamState:
     report: Any = None  # the ingest loop's IngestReport once it ended
     failed: str | None = None  # why the ingest loop stopped, when it failed
     closing: bool = False
-    refresh_queued: bool = False  # a refresh of the kept live KV cache is waiting for the answer worker
 
     def figures(self) -> dict:
         """Frame accounting: received = stored + dropped, where stored counts frames the ingest loop took.
@@ -143,7 +142,6 @@ class LiveServer:
         self._pages: dict[str, tuple[bytes, str]] = {}
         self._decoder: ThreadPoolExecutor | None = None
         self._answerer: ThreadPoolExecutor | None = None
-        self._refresher: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started = 0.0
 
@@ -163,13 +161,11 @@ class LiveServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._pages = {path: ((STATIC / name).read_bytes(), kind) for path, (name, kind) in PAGES.items()}
-        # Decoding JPEGs and answering are blocking; each has its own small pool so neither starves the other
-        # nor the ingest loop's worker thread.
+        # Decoding JPEGs and reading the memory are blocking; each has its own small pool so neither starves the
+        # other nor the ingest loop's worker thread. Model work (answers, live refreshes) goes through the app's
+        # scheduler: questions first, refreshes coalesced per stream.
         self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vidmem-decode")
         self._answerer = ThreadPoolExecutor(max_workers=self.limits.answer_workers, thread_name_prefix="vidmem-answer")
-        # Live-window refreshes have their own worker so that questions never queue behind a backlog of them (the
-        # answerer's lock still serialises the model work: a question waits for one refresh at most).
-        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidmem-refresh")
         try:
             self._server = await serve(
                 self._handle, self.host, self._port,
@@ -210,7 +206,7 @@ class LiveServer:
 
     async def _shutdown_pools(self) -> None:
         """Drop queued work and wait for what is running (model work must end before the app closes its memory)."""
-        for pool in (self._decoder, self._answerer, self._refresher):
+        for pool in (self._decoder, self._answerer):
             if pool is not None:
                 await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
@@ -466,7 +462,10 @@ class LiveServer:
             else:
                 call = functools.partial(self.app.ask, ask.question, streams=[state.name], budget=ask.budget,
                                          on_token=on_token, live=True)
-            result = await loop.run_in_executor(self._answerer, call)
+            from vidmem.agents.scheduler import Priority
+
+            # Questions go first in the model's queue; a full queue is refused at once with a "busy" error.
+            result = await asyncio.wrap_future(self.app.scheduler.submit(Priority.INTERACTIVE, call))
             self._send(client, protocol.answer(ask.id, result.to_json()))
         except VidmemError as exc:
             self._error(client, exc, id=ask.id)
@@ -562,27 +561,27 @@ class LiveServer:
                 log.exception("an on_segment callback failed for stream %s", state.name)
 
     def _refresh_live(self, state: StreamState) -> None:
-        """Extend the stream's kept KV cache with the new segment, so a question about now prefills only itself.
+        """Extend the stream's kept KV cache with the new segments, so a question about now prefills only itself.
 
-        Runs on the refresh worker (model work, serialised with answers); one refresh queued per stream at most,
-        since a refresh takes every segment committed before it starts.
+        Model work at refresh priority, after questions and verification; one refresh queued per stream at most
+        (a refresh takes every segment committed before it starts), so streams are refreshed in batches.
         """
+        from vidmem.agents.scheduler import Priority
+
         refresh = getattr(self.app, "refresh_live", None)
-        if refresh is None or not self.limits.prefill_live or state.refresh_queued or self._refresher is None:
+        if refresh is None or not self.limits.prefill_live or self.stopping:
             return
-        state.refresh_queued = True
 
         def run() -> None:
-            state.refresh_queued = False
             try:
                 refresh(state.name)
             except Exception:  # a failed refresh only costs the next question a longer prefill
                 log.warning("refreshing the live window of stream %s failed", state.name, exc_info=True)
 
         try:
-            self._refresher.submit(run)
-        except RuntimeError:  # the pool is shutting down
-            state.refresh_queued = False
+            self.app.scheduler.submit(Priority.REFRESH, run, key=("refresh", state.name))
+        except VidmemError as exc:  # busy or shutting down: the next segment asks again
+            log.debug("no refresh of stream %s now: %s", state.name, exc)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
