@@ -2,16 +2,16 @@
 
     vidmem monitor --mqtt mqtt://user:pass@broker:1883 --rules rules.yaml --source porch=rtsp://cam/stream
 
-One `Monitor` holds one broker connection (aiomqtt, QoS 1, a persistent session under a fixed client id, the
-retained `offline` availability as last will). Everything it sends goes through a bounded outbox that outlives
-the connection: while the broker is away, events wait there and are delivered after the reconnect (the
-reconnect is an explicit loop with exponential backoff). The rule lifecycle itself is pure logic in
-`vidmem.agents.rules`; this module only connects it to the models, the memory and the broker.
+One `Monitor` is the behaviour: what a question, a trigger, a rule change or a committed segment leads to, and what
+is published. The transport is `vidmem.agents.mqtt` (`MqttLink`: one broker connection with a persistent session,
+the retained `offline` last will, and a bounded outbox that outlives the connection, so events queued while the
+broker is away are delivered after the reconnect). The rule lifecycle itself is pure logic in
+`vidmem.agents.rules`; model work goes through the app's scheduler (`vidmem.agents.scheduler`).
 
 Topics (DESIGN.md, "MQTT"): `<prefix>/available`, `<prefix>/<stream>/ask` -> `<prefix>/<stream>/answer`,
 `<prefix>/<stream>/trigger`, `<prefix>/<stream>/rules/set` -> `<prefix>/<stream>/rules` (retained),
-`<prefix>/events`, `<prefix>/errors`, `<prefix>/<stream>/rule/<id>/state` (ON/OFF, retained) and the Home
-Assistant discovery configs under `homeassistant/binary_sensor/`.
+`<prefix>/events`, `<prefix>/errors`, `<prefix>/<stream>/rule/<id>/state` (ON/OFF, retained), the sources' state
+`<prefix>/<stream>/state` (retained) and the Home Assistant discovery configs under `homeassistant/binary_sensor/`.
 """
 from __future__ import annotations
 
@@ -22,18 +22,14 @@ import hashlib
 import json
 import logging
 import math
-import ssl
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from vidmem.agents.scheduler import Priority
 from vidmem.agents.rules import (
     Event,
     EventChange,
@@ -46,58 +42,27 @@ from vidmem.agents.rules import (
     parse_rules_document,
     parse_trigger,
 )
-from vidmem.errors import BrokerError, ConfigError, ProtocolError, VidmemError
+from vidmem.agents.mqtt import (  # noqa: F401 - re-exported: the transport's names, where they used to be
+    DEFAULT_PORTS,
+    BrokerConfig,
+    LinkOptions,
+    MqttErrorTypes,
+    MqttLink,
+    Outbox,
+    Outgoing,
+    describe_mqtt_error,
+    parse_mqtt_url,
+    probe_broker,
+)
+from vidmem.agents.scheduler import Priority
+from vidmem.errors import ConfigError, ProtocolError, VidmemError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 VERIFY_PROMPT = "Answer with yes or no only. Is the following true in this video: {condition}?"
 
 
 # ---- configuration --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Where the broker is and how to log in (from `mqtt://[user:pass@]host:port`)."""
-
-    host: str  # broker host name or address
-    port: int  # TCP port
-    username: str | None = None  # MQTT user name
-    password: str | None = None  # MQTT password
-    tls: bool = False  # mqtts://: TLS on the connection
-    ca_file: Path | None = None  # CA bundle to check the broker's certificate with (default: the system's)
-    insecure: bool = False  # accept any certificate and host name (testing only)
-
-    @property
-    def where(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def parse_mqtt_url(url: str, *, ca_file: Path | None = None, insecure: bool = False) -> BrokerConfig:
-    """`mqtt://[user:pass@]host[:port]` or `mqtts://...`; ConfigError with the reason otherwise."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"cannot read the MQTT URL: {exc}; use mqtt://[user:pass@]host:port.") from None
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"the MQTT URL must start with mqtt:// or mqtts://, got {scheme or 'no scheme'}.")
-    if not parts.hostname:
-        raise ConfigError("the MQTT URL names no host; use mqtt://[user:pass@]host:port.")
-    if parts.path not in ("", "/") or parts.query:
-        raise ConfigError("the MQTT URL takes no path or query; use mqtt://[user:pass@]host:port.")
-    if (ca_file is not None or insecure) and scheme != "mqtts":
-        raise ConfigError("--mqtt-ca and --mqtt-insecure only apply to an mqtts:// URL.")
-    if ca_file is not None and not Path(ca_file).is_file():
-        raise ConfigError(f"the MQTT CA file {ca_file} does not exist.")
-    return BrokerConfig(
-        host=parts.hostname, port=port or DEFAULT_PORTS[scheme],
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=scheme == "mqtts", ca_file=Path(ca_file) if ca_file else None, insecure=insecure,
-    )
-
-
 @dataclass(frozen=True)
 class MonitorOptions:
     """How the monitor talks to the broker and how much it holds in memory."""
@@ -176,73 +141,6 @@ def parse_source_args(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--source names the stream '{name}' twice.")
         out[name] = url
     return out
-
-
-# ---- the outbox -----------------------------------------------------------------------------------------------
-@dataclass
-class Outgoing:
-    topic: str
-    payload: bytes
-    retain: bool = False
-    event: bool = False  # an event message: dropped only when nothing else is left to drop
-
-
-class Outbox:
-    """Messages waiting for the broker, in order; bounded in count and bytes.
-
-    When full, the oldest non-event message goes first (answers, errors, states can be asked for again or are
-    republished; events cannot), then the oldest event; both are counted. A retained message replaces a queued
-    one for the same topic, since only the last value of a retained topic matters.
-    """
-
-    def __init__(self, *, max_messages: int, max_bytes: int) -> None:
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self._items: deque[Outgoing] = deque()
-        self._bytes = 0
-        self._ready = asyncio.Event()
-        self.in_flight: Outgoing | None = None  # the head being published (never dropped or replaced)
-        self.dropped = 0  # non-event messages dropped because the outbox was full
-        self.dropped_events = 0  # events dropped because the outbox was full of events
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, message: Outgoing) -> None:
-        if message.retain:
-            for old in list(self._items):
-                if old.topic == message.topic and old is not self.in_flight:
-                    self._remove(old)
-        self._items.append(message)
-        self._bytes += len(message.payload)
-        while len(self._items) > 1 and (len(self._items) > self.max_messages or self._bytes > self.max_bytes):
-            victim = next((m for m in self._items if not m.event and m is not self.in_flight), None)
-            if victim is None:
-                victim = next(m for m in self._items if m is not self.in_flight)
-                self.dropped_events += 1
-                log.warning("MQTT outbox full: dropped the oldest event message (%d so far)", self.dropped_events)
-            else:
-                self.dropped += 1
-                log.info("MQTT outbox full: dropped a %s message (%d so far)", victim.topic, self.dropped)
-            self._remove(victim)
-        self._ready.set()
-
-    def _remove(self, message: Outgoing) -> None:
-        self._items.remove(message)
-        self._bytes -= len(message.payload)
-
-    async def head(self) -> Outgoing:
-        """The oldest message, waiting for one; it stays queued until `done` (so a failed publish is retried)."""
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        self.in_flight = self._items[0]
-        return self.in_flight
-
-    def done(self, message: Outgoing) -> None:
-        if self._items and self._items[0] is message:
-            self._remove(message)
-        self.in_flight = None
 
 
 # ---- the monitor ----------------------------------------------------------------------------------------------
@@ -349,7 +247,13 @@ class Monitor:
         self._closing = asyncio.Event()
         self.ready = self.ready or asyncio.Event()
         first = self._loop.create_future()
-        connection = asyncio.create_task(self._connection_loop(first), name="mqtt-connection")
+        link = MqttLink(self.broker, LinkOptions(
+            client_id=self.client_id, available=self.topics.available, subscriptions=tuple(self.topics.subscriptions()),
+            qos=self.options.qos, keepalive=self.options.keepalive, connect_timeout=self.options.connect_timeout,
+            publish_timeout=self.options.publish_timeout, reconnect_min=self.options.reconnect_min,
+            reconnect_max=self.options.reconnect_max, fail_fast=self.options.fail_fast,
+        ), self.outbox, on_message=self._handle, on_connect=self._connected)
+        connection = asyncio.create_task(link.run(first, self._closing), name="mqtt-connection")
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({first, connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if connection.done() and connection.exception() is not None:
@@ -390,105 +294,11 @@ class Monitor:
                 log.warning("MQTT: %d messages were still waiting for the broker at shutdown", len(self.outbox))
 
     # ---- connection -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _tls_context(b: BrokerConfig) -> ssl.SSLContext | None:
-        if not b.tls:
-            return None
-        context = ssl.create_default_context(cafile=str(b.ca_file) if b.ca_file else None)
-        if b.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
-    def _client(self):
-        import aiomqtt
-
-        b, o = self.broker, self.options
-        tls_context = self._tls_context(b)
-        return aiomqtt.Client(
-            b.host, b.port, username=b.username, password=b.password, identifier=self.client_id,
-            clean_session=False,  # persistent session: the broker keeps our subscriptions and queued questions
-            will=aiomqtt.Will(self.topics.available, "offline", qos=o.qos, retain=True),
-            keepalive=o.keepalive, timeout=o.connect_timeout, tls_context=tls_context,
-            tls_insecure=True if b.tls and b.insecure else None, logger=logging.getLogger(__name__ + ".paho"),
-        )
-
-    async def _connection_loop(self, first: asyncio.Future) -> None:
-        """Connect, serve, and on any failure wait and reconnect (exponential backoff up to reconnect_max)."""
-        import aiomqtt
-
-        delay = self.options.reconnect_min
-        while not self._closing.is_set():
-            try:
-                async with self._client() as client:
-                    self.stats["connects"] += 1
-                    delay = self.options.reconnect_min
-                    log.info("MQTT: connected to %s as %s", self.broker.where, self.client_id)
-                    await client.subscribe([(t, self.options.qos) for t in self.topics.subscriptions()],
-                                           timeout=self.options.publish_timeout)
-                    await client.publish(self.topics.available, "online", qos=self.options.qos, retain=True,
-                                         timeout=self.options.publish_timeout)
-                    for stream in list(self.trackers):  # a broker that lost its retained messages gets them back
-                        self._publish_rules_state(stream)
-                    if not first.done():
-                        first.set_result(None)
-                    await self._serve(client)
-                    if self._closing.is_set():
-                        await client.publish(self.topics.available, "offline", qos=self.options.qos, retain=True,
-                                             timeout=self.options.publish_timeout)
-                        log.info("MQTT: disconnected from %s (offline published)", self.broker.where)
-                        return
-            except Exception as exc:  # MqttError above all; anything else is logged and retried the same way
-                if not isinstance(exc, aiomqtt.MqttError):
-                    log.exception("MQTT: unexpected failure of the connection")
-                reason = describe_mqtt_error(exc, self.broker)
-                if not first.done():
-                    if self.options.fail_fast:
-                        raise BrokerError(reason) from None
-                log.warning("MQTT: %s; reconnecting in %.1f s (%d messages waiting)", reason, delay, len(self.outbox))
-            if self._closing.is_set():
-                return
-            try:
-                await asyncio.wait_for(self._closing.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
-            delay = min(delay * 2, self.options.reconnect_max)
-
-    async def _serve(self, client) -> None:
-        """Read and write until the connection breaks (MqttError) or the monitor closes and the outbox is flushed."""
-        reader = asyncio.create_task(self._read(client))
-        writer = asyncio.create_task(self._write(client))
-        try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # re-raises the MqttError that broke the connection
-        finally:
-            for task in (reader, writer):
-                task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
-
-    async def _write(self, client) -> None:
-        while True:
-            if self._closing.is_set() and not len(self.outbox):
-                return
-            head = asyncio.create_task(self.outbox.head())
-            closing = asyncio.create_task(self._closing.wait())
-            await asyncio.wait({head, closing}, return_when=asyncio.FIRST_COMPLETED)
-            closing.cancel()
-            if not head.done():
-                head.cancel()
-                continue
-            message = head.result()
-            try:
-                await client.publish(message.topic, message.payload, qos=self.options.qos, retain=message.retain,
-                                     timeout=self.options.publish_timeout)
-            finally:
-                self.outbox.in_flight = None
-            self.outbox.done(message)
-
-    async def _read(self, client) -> None:
-        async for message in client.messages:
-            self._handle(str(message.topic), message.payload)
+    def _connected(self) -> None:
+        """After each (re)connect: count it, and republish the retained rule states a broker may have lost."""
+        self.stats["connects"] += 1
+        for stream in list(self.trackers):
+            self._publish_rules_state(stream)
 
     # ---- inbound ----------------------------------------------------------------------------------------------
     def _handle(self, topic: str, payload: Any) -> None:
@@ -823,14 +633,6 @@ class Monitor:
         self._publish(self.topics.errors, body)
 
 
-try:  # the exception types a closing connection task may end with
-    from aiomqtt import MqttError as _MqttError
-
-    MqttErrorTypes: tuple = (_MqttError, VidmemError)
-except ImportError:  # pragma: no cover - aiomqtt is a dependency
-    MqttErrorTypes = (VidmemError,)
-
-
 YES_WORDS = ("yes", "Yes", " yes", " Yes", "YES")
 NO_WORDS = ("no", "No", " no", " No", "NO")
 
@@ -864,24 +666,6 @@ def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-
-
-def describe_mqtt_error(exc: Exception, broker: BrokerConfig) -> str:
-    """One sentence for a connection failure: unreachable, refused credentials, not authorised, or lost."""
-    import aiomqtt
-
-    text = str(exc)
-    if isinstance(exc, aiomqtt.MqttCodeError) and getattr(exc, "rc", None) is not None:
-        rc = exc.rc
-        value = getattr(rc, "value", rc)
-        reason = str(rc) if not isinstance(rc, int) else text
-        if value in (4, 5, 134, 135):
-            who = f"user '{broker.username}'" if broker.username else "an anonymous client"
-            return f"the MQTT broker at {broker.where} refused the credentials of {who} ({reason})"
-        return f"the MQTT broker at {broker.where} refused the connection ({reason})"
-    if "Disconnected" in text or "timed out" in text.lower():
-        return f"lost the connection to the MQTT broker at {broker.where} ({text})"
-    return f"cannot reach the MQTT broker at {broker.where} ({text})"
 
 
 # ---- hookups ---------------------------------------------------------------------------------------------------
@@ -934,23 +718,6 @@ def attach_live(server, args) -> LiveMonitor:
     monitor = Monitor(server.app, args.mqtt, rules=rules, options=options, on_event=server.publish_event,
                       ca_file=getattr(args, "mqtt_ca", None), insecure=bool(getattr(args, "mqtt_insecure", False)))
     return LiveMonitor(server, monitor)
-
-
-async def probe_broker(broker: BrokerConfig, options: MonitorOptions) -> None:
-    """Connect once and leave (a throwaway clean session): an unreachable broker or refused credentials raise
-    BrokerError before any model loads or the memory is touched."""
-    import aiomqtt
-
-    client = aiomqtt.Client(
-        broker.host, broker.port, username=broker.username, password=broker.password, clean_session=True,
-        timeout=options.connect_timeout, tls_context=Monitor._tls_context(broker),
-        tls_insecure=True if broker.tls and broker.insecure else None,
-    )
-    try:
-        async with client:
-            pass
-    except aiomqtt.MqttError as exc:
-        raise BrokerError(describe_mqtt_error(exc, broker)) from None
 
 
 # ---- the CLI entry point --------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ One busy camera stores a segment every 4 s (21,600 a day, 648,000 in 30 days), e
 embedding (clustered, as CLIP embeddings are); tokens are a token-sized stub because their bytes do not change
 what is measured. For each history length it times, in a fresh process that opens the memory read-only as
 `vidmem ask` does, with the index the writer saved:
-- `evidence`: `Vidmem.select` (FAISS candidates + index lookups for neighbours, live window and anchors +
-  selection under the 6,000-token budget), the part of `ask` that depends on history (the VLM's prefill and
-  decode see at most the budget, whatever the history);
+- `evidence`: what `Vidmem.select` does that depends on history: FAISS candidates (`Memory.search`), the index
+  lookups for neighbours, live window and anchors (`Vidmem.evidence_timeline`), and selection under the
+  6,000-token budget (`agents.select.select`). The rest of `ask` does not grow with history: the context-room
+  check counts tokens of the prompt text, and the VLM's prefill and decode see at most the budget;
 - `search`: the FAISS retrieval inside it alone (`Memory.search`, k=32);
 - `timeline_load`: what the evidence step cost before: loading every segment row in range into Python.
 Both over the whole history and over the last hour. Prints one JSON line; p50/p95 in milliseconds, and the
@@ -61,19 +62,27 @@ def fill(path: Path, segments: int, seconds: float) -> None:
 def measure(path: str, queries: int) -> dict:
     """In this (fresh) process: open read-only, time the evidence step and the old timeline load."""
     from vidmem.agents.app import Settings, Vidmem
+    from vidmem.agents.select import SelectOptions, select
 
-    app = Vidmem(Settings(memory=Path(path)), readonly=True)
+    app = Vidmem(Settings(memory=Path(path)), readonly=True)  # no model: the evidence step needs none
+
+    def evidence(vec: np.ndarray, since: float | None):
+        options = SelectOptions()
+        candidates = app.memory.search(vec, k=options.candidates, streams=["cam"], since=since, kinds=["image"])
+        timeline = app.evidence_timeline(["cam"], since, None, candidates, (), options)
+        return select(timeline, candidates, options=options)
+
     rng = np.random.default_rng(11)
     q = rng.standard_normal((queries, E)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)  # (Q, E)
     newest = app.memory.span(stream="cam")[1]
     out = {}
     for label, since in (("all", None), ("last_hour", newest - 3600)):
-        app.select("warm-up", streams=["cam"], since=since, query=q[0])  # loads the saved index once
+        evidence(q[0], since)  # loads the saved index once
         evidence, load, picks = [], [], []
         for vec in q:
             t0 = time.perf_counter()
-            selection = app.select("q", streams=["cam"], since=since, query=vec)
+            selection = evidence(vec, since)
             evidence.append(time.perf_counter() - t0)
             picks.append(len(selection.picks))
         search = []
