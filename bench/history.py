@@ -66,7 +66,7 @@ def measure(path: str, queries: int) -> dict:
 
     app = Vidmem(Settings(memory=Path(path)), readonly=True)  # no model: the evidence step needs none
 
-    def evidence(vec: np.ndarray, since: float | None):
+    def evidence_step(vec: np.ndarray, since: float | None):
         options = SelectOptions()
         candidates = app.memory.search(vec, k=options.candidates, streams=["cam"], since=since, kinds=["image"])
         timeline = app.evidence_timeline(["cam"], since, None, candidates, (), options)
@@ -78,11 +78,11 @@ def measure(path: str, queries: int) -> dict:
     newest = app.memory.span(stream="cam")[1]
     out = {}
     for label, since in (("all", None), ("last_hour", newest - 3600)):
-        evidence(q[0], since)  # loads the saved index once
+        evidence_step(q[0], since)  # loads the saved index once
         evidence, load, picks = [], [], []
         for vec in q:
             t0 = time.perf_counter()
-            selection = evidence(vec, since)
+            selection = evidence_step(vec, since)
             evidence.append(time.perf_counter() - t0)
             picks.append(len(selection.picks))
         search = []

@@ -42,6 +42,7 @@ CHANGES_KEPT = 5_000_000  # change-log rows kept at most; an index lagging furth
 CHANGES_MIN_KEPT = 10_000  # ... and at least (an index this far behind catches up instead of rebuilding)
 GAPS_KEPT = 10_000  # recorded gaps kept per stream (the newest)
 INDEX_UPKEEP_SECONDS = 60.0  # a writer brings its index up to date and saves it this often (readers load it)
+BUDGET_HEADROOM = 0.03  # share of a disk budget kept free for the bookkeeping that grows between writes
 RETENTION_KEY = "retention"  # meta key of the memory-wide retention (default age, disk budget)
 
 _SEGMENT_COLUMNS = "s.id, t.name, s.start, s.end, s.frames, s.cut, s.tokens, s.slow, s.caption, s.views"
@@ -817,7 +818,10 @@ class Memory:
             if budget is None:
                 return 0
             deleted = 0
-            while self.disk_usage() + incoming > budget:
+            # Footage makes room down to a little under the budget: the database's log and the index cache
+            # grow a little between two writes, and the budget holds for them too.
+            target = int(budget * (1.0 - BUDGET_HEADROOM))
+            while self.disk_usage() + incoming > target:
                 oldest: tuple[float, str, int] | None = None
                 for info in self.streams():
                     chunks = self._files.chunks_on_disk(info.name)
