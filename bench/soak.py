@@ -201,6 +201,8 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict:
 
                 if isinstance(exc, VidmemError):
                     figures["refused"] += 1
+                    codes = figures.setdefault("refused_codes", {})
+                    codes[exc.code] = codes.get(exc.code, 0) + 1
                 else:
                     figures["failed"].append(f"{type(exc).__name__}: {exc}")
 
@@ -235,6 +237,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict:
         "disk_max_bytes": figures["disk_max"], "disk_end_bytes": stats["disk_bytes"],
         "segments_written": figures["segments_written"], "segments_kept": stats["segments"],
         "questions": figures["questions"], "answered": figures["answered"], "refused": figures["refused"],
+        "refused_codes": figures.get("refused_codes", {}),
         "failed": figures["failed"], "crashed_tasks": crashed,
         "rss_mb": {"second_quarter": round(float(np.mean(rss[quarter:2 * quarter])), 1),
                    "last_quarter": round(float(np.mean(rss[-quarter:])), 1), "max": round(max(rss), 1)},

@@ -196,6 +196,8 @@ def test_a_follow_up_in_a_conversation_reuses_the_kept_cache(live, frames):
     assert follow_up["segments"] == first["segments"]  # on the same evidence
     assert {"prefill_tokens", "cached_tokens"} <= set(solo)  # the contract's fields on every answer
     assert error["code"] == "bad_message" and "conversation" in error["message"]
+    health = live.thread.run(live.server.health)  # /healthz reports each source's state, as recorded
+    assert health["sources"]["talk"]["state"] in ("live", "ended")
 
 
 def test_bad_messages_each_get_an_error_and_the_connection_keeps_serving(live, frames):
