@@ -865,8 +865,11 @@ class Memory:
             vectors = conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
             keep = min(CHANGES_KEPT, max(CHANGES_MIN_KEPT, vectors))
             conn.execute("DELETE FROM changes WHERE seq <= ?", (head - keep,))
-            oldest = dict(conn.execute("SELECT t.name, MIN(s.start) FROM streams t JOIN segments s "
-                                       "ON s.stream_id = t.id GROUP BY t.id").fetchall())
+            oldest = {}  # one (stream, start) index lookup per stream, not a scan of every segment
+            for sid, name in conn.execute("SELECT id, name FROM streams").fetchall():
+                start = conn.execute("SELECT MIN(start) FROM segments WHERE stream_id = ?", (sid,)).fetchone()[0]
+                if start is not None:
+                    oldest[name] = start
             for name, start in oldest.items():
                 conn.execute("DELETE FROM gaps WHERE stream = ? AND end < ?", (name, start))
                 conn.execute("DELETE FROM gaps WHERE stream = ? AND id <= COALESCE((SELECT id FROM gaps WHERE "
