@@ -52,6 +52,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embedder", default=os.environ.get("VIDMEM_EMBEDDER"),
                        help="CLIP sentence-transformers hub id or local directory (default: clip-ViT-B-32)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run")
+    group.add_argument("--runtime", choices=("eager", "fast", "fast-lm"), default=os.environ.get("VIDMEM_RUNTIME"),
+                       help="CPU runtime: fast (default on a CPU: int8 vision tower), eager (fp32 throughout), "
+                            "fast-lm (also an int8 language model); $VIDMEM_RUNTIME")
     group.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     group.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
 
@@ -65,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream name (default: the file's name)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     p.add_argument("--frame-budget", type=int, help="files: keep only the N most informative frames (AVS top-k)")
+    p.add_argument("--motion", action="store_true",
+                   help="motion-gated sampling: --fps becomes a cap; frames are taken when parts of the picture "
+                        "change, and at least one every 10 s")
     p.add_argument("--compressor", default="timeperceiver", help="token compressor (default timeperceiver)")
     p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -166,6 +172,7 @@ def _settings(args: argparse.Namespace):
         caption_embedder=getattr(args, "caption_embedder", None),
         token_dtype=getattr(args, "token_dtype", "float16"),
         kv_cache_bytes=_kv_cache_bytes(getattr(args, "kv_cache_mb", 2048.0)),
+        runtime=args.runtime,
     )
 
 
@@ -197,6 +204,7 @@ def _stream_name(source: str) -> str:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from vidmem.agents.app import Vidmem
     from vidmem.stream import IngestOptions, open_source
+    from vidmem.stream.motion import MotionOptions
 
     from vidmem.memory import check_stream_name
 
@@ -211,8 +219,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            options = IngestOptions(fps=args.fps, frame_budget=args.frame_budget,
+                                    motion=MotionOptions() if args.motion else None)
             return await app.ingest(
-                source, stream=stream, options=IngestOptions(fps=args.fps, frame_budget=args.frame_budget),
+                source, stream=stream, options=options,
                 progress=not args.no_progress and sys.stderr.isatty(), stop=stop,
             )
 
