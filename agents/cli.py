@@ -43,10 +43,18 @@ def parse_time(text: str | None) -> float | None:
         raise ConfigError(f"cannot read the time '{text}': give seconds, HH:MM:SS, or an ISO date-time") from None
 
 
+def memory_spec(text: str) -> Path | str:
+    """--memory: a directory (embedded memory) or a postgresql:// URL (shared memory), kept as a string."""
+    from vidmem.memory.postgres import is_memory_url
+
+    return text if is_memory_url(text) else Path(text)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common options")
-    group.add_argument("--memory", type=Path, default=Path(os.environ.get("VIDMEM_MEMORY", "vidmem-memory")),
-                       help="memory directory (default: ./vidmem-memory or $VIDMEM_MEMORY)")
+    group.add_argument("--memory", type=memory_spec, default=memory_spec(os.environ.get("VIDMEM_MEMORY", "vidmem-memory")),
+                       help="memory directory (default: ./vidmem-memory or $VIDMEM_MEMORY), or a shared memory's "
+                            "postgresql://...?index=milvus://HOST:PORT&tokens=DIR URL (docs/deploy.md)")
     group.add_argument("--model", default=os.environ.get("VIDMEM_MODEL"),
                        help="LLaVA-OneVision hub id or local checkpoint directory (default: 0.5B on CPU, 7B on GPU)")
     group.add_argument("--embedder", default=os.environ.get("VIDMEM_EMBEDDER"),
@@ -132,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="streams, segments, bytes and time covered")
     _common(p)
+
+    p = sub.add_parser("migrate", help="copy an embedded memory directory into a shared memory and verify it")
+    p.add_argument("source", type=Path, help="the embedded memory directory")
+    p.add_argument("target", help="postgresql://USER[:PASS]@HOST:PORT/DB?index=milvus://HOST:PORT&tokens=DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     return parser
 
 
@@ -240,6 +254,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from vidmem.memory.postgres import is_memory_url
+    from vidmem.memory.shared import migrate
+
+    if not is_memory_url(args.target):
+        raise ConfigError(f"the migrate target must be a postgresql:// memory URL, not '{args.target}'")
+    report = migrate(args.source, args.target)
+    _emit(args, report, f"copied {report['segments']} segments of {report['streams']} streams, {report['rules']} "
+                        f"rules and {report['events']} events from {report['source']} to {report['target']}; verified")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from vidmem.agents.server import serve_main
 
@@ -284,7 +310,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "serve": cmd_serve, "monitor": cmd_monitor, "train": cmd_train,
-            "stats": cmd_stats}
+            "stats": cmd_stats, "migrate": cmd_migrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
