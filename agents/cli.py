@@ -50,6 +50,11 @@ def memory_spec(text: str) -> Path | str:
     return text if is_memory_url(text) else Path(text)
 
 
+def _ray_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="run on the Ray cluster at ADDRESS (or $VIDMEM_RAY_ADDRESS); needs a shared --memory URL")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--memory", type=memory_spec, default=memory_spec(os.environ.get("VIDMEM_MEMORY", "vidmem-memory")),
@@ -80,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-cache", action="store_true",
                    help="reuse vision features of near-identical frames instead of encoding them again (STC cacher)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
+    _ray_flag(p)
     _common(p)
 
     p = sub.add_parser("ask", help="answer a question from the memory")
@@ -93,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show this share of each segment's most salient tokens and cover more segments (STC pruner)")
     p.add_argument("--compressor-weights", type=Path, help="the checkpoint used at ingest (loads its projector)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
+    p.add_argument("--conversation", help="with --ray: a conversation id; its questions reach the same answer replica")
+    _ray_flag(p)
     _common(p)
 
     p = sub.add_parser("serve", help="websocket server and page for live cameras")
@@ -187,6 +195,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from vidmem.memory import check_stream_name
 
     stream = check_stream_name(args.stream) if args.stream else _stream_name(args.source)
+    address = _ray_address(args)
+    if address:
+        return _ingest_on_ray(args, stream, address)
     source = open_source(args.source)  # a missing or unreadable file fails here, before anything else
     app = Vidmem(_settings(args))
     try:
@@ -215,8 +226,46 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ray_address(args: argparse.Namespace) -> str | None:
+    from vidmem.agents.cluster import ray_address
+
+    return ray_address(getattr(args, "ray", None))
+
+
+def _ingest_on_ray(args: argparse.Namespace, stream: str, address: str) -> int:
+    from vidmem.agents import cluster
+    from vidmem.stream import IngestOptions, open_source
+
+    settings = _settings(args)
+    cluster.check_settings(settings)
+    open_source(args.source)  # a missing or unreadable file fails here (nodes read the same path)
+    options = IngestOptions(fps=args.fps, frame_budget=args.frame_budget)
+    payload = cluster.ingest(settings, {stream: str(args.source)}, address=address, ingest_options=options)[stream]
+    _emit(args, payload, f"{payload['stream']}: {payload['segments']} segments from {payload['frames']} frames on "
+                         f"node {payload['node'][:12]} of the Ray cluster at {address}")
+    return 0
+
+
+def _ask_on_ray(args: argparse.Namespace, address: str) -> int:
+    from vidmem.agents import cluster
+
+    settings = _settings(args)
+    cluster.check_settings(settings)
+    cluster.connect(address)
+    answer = cluster.Answerers(settings).ask(
+        args.question, conversation=args.conversation, streams=args.stream, budget=args.budget,
+        since=parse_time(args.since), until=parse_time(args.until), follow_up=bool(args.conversation))
+    cited = "; ".join(f"{s['stream']} {s['start']:.1f}-{s['end']:.1f}s" for s in answer.get("segments", [])[:12])
+    _emit(args, answer, f"{answer.get('answer', '')}\n(from {len(answer.get('segments', []))} segments: {cited})")
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from vidmem.agents.app import Vidmem
+
+    address = _ray_address(args)
+    if address:
+        return _ask_on_ray(args, address)
 
     app = Vidmem(_settings(args), readonly=True)
     try:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 BATCH = 2_000  # changes replayed (or vectors rebuilt) per Milvus call
 TIMEOUT_S = 10.0  # per Milvus call; an unreachable server fails with one line naming it
 MAX_TOPK = 16_384  # Milvus's limit on k
+KEEPALIVE = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": 0}
 
 
 class MilvusIndex:
@@ -39,7 +40,9 @@ class MilvusIndex:
         if self._client is None:
             MilvusClient = require("pymilvus").MilvusClient  # noqa: N806 - the library's class
             try:
-                self._client = MilvusClient(uri=self.uri, timeout=TIMEOUT_S)
+                # pymilvus pings every 10 s; a gRPC server that allows fewer pings (Milvus Lite's allows one per
+                # 5 minutes, gRPC's default) answers "too many pings" and drops the connection of an idle reader.
+                self._client = MilvusClient(uri=self.uri, timeout=TIMEOUT_S, grpc_options=KEEPALIVE)
             except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for one cause
                 raise MemoryStoreError(f"cannot reach Milvus at {self.uri}: {_reason(exc)}") from None
         return self._client
