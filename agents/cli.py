@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("VIDMEM_TOKEN"), help="required bearer token")
     p.add_argument("--mqtt", help="also monitor the live streams over MQTT (mqtt://[user:pass@]host:port)")
     p.add_argument("--rules", type=Path, help="watch rules (YAML or JSON) for --mqtt")
+    _ray_flag(p)
     _common(p)
 
     p = sub.add_parser("monitor", help="ingest sources and watch them, with events and questions over MQTT")
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-insecure", action="store_true", help="mqtts:// without checking the certificate (testing only)")
     p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
     p.add_argument("--reconnect-max", type=float, default=30.0, help="longest wait between reconnects, seconds (default 30)")
+    _ray_flag(p)
     _common(p)
 
     p = sub.add_parser("train", help="train a compressor (Clapper stage 1, or SVC reconstruction)")

@@ -181,8 +181,9 @@ def encoder_pool(settings, options: ClusterOptions) -> list:
 class _RemoteSink:
     """The ingest loop's sink on a cluster: encode on the pool, commit to the shared memory, skip what is stored."""
 
-    def __init__(self, app, stream: str, encoder, resume_after: float | None) -> None:
+    def __init__(self, app, stream: str, encoder, resume_after: float | None, on_segment=None) -> None:
         self.app, self.stream = app, stream  # the app opens the memory only: the models live in the encoders
+        self.on_segment = on_segment  # called (row, segment) after each commit (the monitor's rules)
         self.last_row = None
         self.encoder = encoder
         self.resume_after = resume_after
@@ -204,6 +205,8 @@ class _RemoteSink:
         self.last_row = self.app.memory.add_segment(
             stream=self.stream, start=segment.start, end=segment.end, frames=len(segment), cut=segment.cut,
             tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg)
+        if self.on_segment is not None:
+            self.on_segment(self.last_row, segment)
         return self.last_row.tokens
 
     def extend(self, segment) -> None:
@@ -323,13 +326,19 @@ class AnswerService:
         self.app.answerer  # noqa: B018 - load the language model before the first question
         self.conversation: str | None = None  # whose evidence the kept KV cache holds
 
-    def ask(self, question: str, conversation: str | None, kwargs: dict) -> dict:
+    def answer(self, question: str, conversation: str | None, kwargs: dict):
+        """The `Answer` (agents/answer.py) to a question, as `Vidmem.ask` gives it."""
         # A follow-up reuses the kept cache only when it holds this conversation's evidence.
         follow_up = bool(kwargs.pop("follow_up", False)) and conversation is not None \
             and conversation == self.conversation
         answer = self.app.ask(question, follow_up=follow_up, **kwargs)
         self.conversation = conversation
-        return {**answer.to_json(), "replica": _node_id(), "follow_up": follow_up}
+        answer.follow_up = follow_up
+        return answer
+
+    def ask(self, question: str, conversation: str | None, kwargs: dict) -> dict:
+        answer = self.answer(question, conversation, kwargs)
+        return {**answer.to_json(), "replica": _node_id(), "follow_up": answer.follow_up}
 
 
 class Answerers:
@@ -349,9 +358,16 @@ class Answerers:
 
     def ask(self, question: str, *, conversation: str | None = None, **kwargs: Any) -> dict:
         """Blocking; returns the answer's JSON (see agents/answer.py) plus the replica's node."""
+        return self._call("ask", question, conversation, kwargs)
+
+    def answer(self, question: str, *, conversation: str | None = None, **kwargs: Any):
+        """Blocking; returns the `Answer` object."""
+        return self._call("answer", question, conversation, kwargs)
+
+    def _call(self, method: str, question: str, conversation: str | None, kwargs: dict):
         ray = _ray()
         try:
-            return ray.get(self.replica(conversation).ask.remote(question, conversation, kwargs))
+            return ray.get(getattr(self.replica(conversation), method).remote(question, conversation, kwargs))
         except ray.exceptions.RayTaskError as exc:
             if isinstance(getattr(exc, "cause", None), VidmemError):
                 raise exc.cause from None
@@ -361,3 +377,60 @@ class Answerers:
 def _node_id() -> str:
     ray = _ray()
     return ray.get_runtime_context().get_node_id()
+
+
+# -- the front-ends' app ------------------------------------------------------------------------------------
+def open_app(settings, *, address: str | None, readonly: bool = False, options: ClusterOptions = ClusterOptions()):
+    """The `Vidmem` the websocket server and the MQTT monitor hold: local, or reaching the cluster by handles."""
+    from vidmem.agents.app import Vidmem
+
+    address = ray_address(address)
+    if address is None:
+        return Vidmem(settings, readonly=readonly)
+    return _cluster_app_class()(settings, address=address, readonly=readonly, options=options)
+
+
+def _cluster_app_class():
+    from vidmem.agents.app import Vidmem
+
+    class ClusterVidmem(Vidmem):
+        """A Vidmem whose encoding runs on the encoder pool and whose questions run on the answer replicas.
+
+        Sources stay in the front-end (websocket frames arrive there; the monitor's rules watch each commit) and
+        commit to the shared memory; a live stream's questions always reach the replica keeping its window.
+        """
+
+        def __init__(self, settings, *, address: str, readonly: bool, options: ClusterOptions) -> None:
+            super().__init__(settings, readonly=readonly)
+            check_settings(settings)
+            connect(address)
+            self.encoders = encoder_pool(settings, options)
+            self.answerers = Answerers(settings, options)
+
+        def load_models(self) -> None:
+            self.embedder  # noqa: B018 - the text embedder serves rules and queries here; the rest is remote
+            _ray().get([encoder.manifest.remote() for encoder in self.encoders])  # the pool is up
+
+        def manifest(self):
+            from vidmem.memory import Manifest
+
+            return Manifest.from_dict(_ray().get(self.encoders[0].manifest.remote()))
+
+        async def ingest(self, source, *, stream: str, options=None, progress: bool = False, stop=None,
+                         on_segment=None):
+            from vidmem.stream.ingest import IngestOptions, ingest
+
+            await asyncio.to_thread(lambda: self.memory.bind(self.manifest()))
+            encoder = self.encoders[zlib.crc32(stream.encode()) % len(self.encoders)]
+            sink = _RemoteSink(self, stream, encoder, None, on_segment=on_segment)
+            return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
+                                stop=stop)
+
+        def ask(self, question: str, *, streams=None, on_token=None, live: bool = False, **kwargs):
+            conversation = streams[0] if live and streams and len(streams) == 1 else None
+            answer = self.answerers.answer(question, conversation=conversation, streams=streams, live=live, **kwargs)
+            if on_token is not None:
+                on_token(answer.text)  # the whole answer at once: tokens do not stream back from a replica
+            return answer
+
+    return ClusterVidmem

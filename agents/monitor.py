@@ -867,7 +867,7 @@ async def probe_broker(broker: BrokerConfig, options: MonitorOptions) -> None:
 # ---- the CLI entry point --------------------------------------------------------------------------------------
 def monitor_main(args, settings) -> int:
     """`vidmem monitor`: check everything the user gave, load the models, connect, then ingest and watch."""
-    from vidmem.agents.app import Vidmem
+    from vidmem.agents.cluster import open_app
     from vidmem.stream import open_source
 
     options = MonitorOptions(
@@ -880,7 +880,7 @@ def monitor_main(args, settings) -> int:
     specs = parse_source_args(args.source)
     sources = {name: open_source(url) for name, url in specs.items()}  # a missing file fails here
     asyncio.run(probe_broker(parse_mqtt_url(args.mqtt, ca_file=ca_file, insecure=insecure), options))
-    app = Vidmem(settings)
+    app = open_app(settings, address=getattr(args, "ray", None))  # --ray: on the cluster
     try:
         app.load_models()
         monitor = Monitor(app, args.mqtt, prefix=options.prefix, rules=rules, sources=sources, options=options,

@@ -587,7 +587,7 @@ def _response(status: int, body: bytes | str, kind: str = "text/plain; charset=u
 # ---- the CLI --------------------------------------------------------------------------------------------
 def serve_main(args: Any, settings: Any) -> int:
     """`vidmem serve`: check the flags, load the models, serve until SIGINT or SIGTERM; returns the exit code."""
-    from vidmem.agents.app import Vidmem
+    from vidmem.agents.cluster import open_app
 
     host, port, token = args.host, args.port, args.token
     if not 0 <= port <= 65535:
@@ -595,7 +595,7 @@ def serve_main(args: Any, settings: Any) -> int:
     if not token and not protocol.is_loopback(host):
         raise ConfigError(f"--token is required to listen on {host}, which other machines can reach; "
                           "set --token (or VIDMEM_TOKEN) or listen on 127.0.0.1")
-    app = Vidmem(settings)
+    app = open_app(settings, address=getattr(args, "ray", None))  # --ray: on the cluster
     try:
         app.load_models()  # a missing model fails here, before the port is opened
         return asyncio.run(_serve(app, args))

@@ -9,6 +9,7 @@ and prints one JSON object of what it saw. The test makes the assertions.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -48,7 +49,7 @@ def main() -> None:
     from vidmem.agents import cluster
     from vidmem.agents.app import Settings
     from vidmem.memory import Memory
-    from vidmem.stream import IngestOptions
+    from vidmem.stream import IngestOptions, open_source
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDMEM_MODEL": llava, "VIDMEM_EMBEDDER": clip}
     out: dict = {}
@@ -102,6 +103,18 @@ def main() -> None:
         with Memory.open(url, readonly=True) as memory:
             out["after"] = {r.id: [r.stream, r.start, r.end, fingerprint(memory, r)] for r in memory.segments()}
             out["verify"] = memory.verify()
+
+        # What `vidmem serve --ray` and `vidmem monitor --ray` hold: sources local, encoding and answers remote.
+        app = cluster.open_app(settings, address=head.address)
+        app.load_models()
+        report = asyncio.run(app.ingest(open_source(video), stream="front", options=IngestOptions(fps=FPS)))
+        live = [app.ask("what is happening now?", streams=["front"], live=True) for _ in range(2)]
+        with Memory.open(url, readonly=True) as memory:
+            out["front"] = {"app": type(app).__name__, "segments": report.segments,
+                            "spans": [[r.start, r.end] for r in memory.segments(stream="front")],
+                            "answers": [{"answer": a.text, "streams": sorted({p.row.stream for p in a.picks}),
+                                         "follow_up": a.follow_up} for a in live]}
+        app.close()
         ray.shutdown()
 
         # Questions from other processes: the shared memory read directly, then answer replicas on the cluster.

@@ -70,3 +70,11 @@ def test_questions_from_other_processes_reach_the_shared_memory_and_keep_their_r
     assert first["answer"] and {s["stream"] for s in first["segments"]} <= {"cam1", "cam2", "cam3", "cam4"}
     assert follow_up["replica"] == first["replica"] and follow_up["follow_up"]
     assert follow_up["cached_tokens"] > 0 and follow_up["prefill_tokens"] < first["prefill_tokens"]
+
+
+def test_the_front_ends_app_encodes_and_answers_on_the_cluster(scenario) -> None:
+    front = scenario["front"]  # the app `serve --ray` and `monitor --ray` hold
+    assert front["app"] == "ClusterVidmem"
+    assert front["spans"] == scenario["reference"] and front["segments"] == len(scenario["reference"])
+    for answer in front["answers"]:
+        assert answer["answer"] and answer["streams"] == ["front"]
