@@ -1,15 +1,15 @@
 """Answering with LLaVA-OneVision from stored tokens: timestamped evidence, streamed tokens, reused KV caches.
 
-The prompt is the model's chat template with the evidence inside the user turn:
-  head   = "<|im_start|>system ... <|im_start|>user\n"
-  evidence = for each picked segment: "[00:01:23-00:01:27]" then its visual tokens, projected by the VLM's own
-             `multi_modal_projector` (tokens are stored in the vision space, Clapper section 3.1)
-  tail   = question + "<|im_end|>\n<|im_start|>assistant\n"
-and is fed as `inputs_embeds`. Decoding is a plain greedy loop over the language model with a `DynamicCache`
-(a `ReservedCache`, which appends in place),
-so that (a) tokens leave as they are generated, (b) the time to first token is measured where it happens, and
-(c) the cache of head + evidence can be kept: a follow-up question on the same evidence, or a question on a live
-stream whose recent window is already in the cache, prefills only the question (DESIGN.md "Answering").
+The prompt is the checkpoint's own chat template (agents/vlm.py, `Layout`) with the evidence where the video goes:
+  head     = "<|im_start|>system ... <|im_start|>user\n"
+  evidence = for each picked segment: "[00:01:23-00:01:27]", the view of its stored tokens its level shows (already
+             in the language model's input space), then `image_newline`
+  tail     = "\n" + question + "<|im_end|>\n<|im_start|>assistant\n"
+and is fed as `inputs_embeds`. Decoding is greedy, step by step, with the checkpoint's generation config applied
+through transformers' logits processors, so that (a) tokens leave as they are generated, (b) the time to first
+token is measured where it happens, and (c) the KV cache of head + evidence can be kept: a follow-up question on
+the same evidence, or a question on a live stream whose recent window is already in the cache, prefills only the
+question (DESIGN.md "Answering").
 """
 from __future__ import annotations
 
@@ -24,50 +24,21 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from vidmem.agents.select import Level, Pick
-from vidmem.compressors.base import TokenBlock, pool_grid
+from vidmem.agents.select import Level, Pick, views_of
+from vidmem.agents.vlm import SYSTEM_PROMPT, render_span, render_time  # noqa: F401 - the answer's time format
+from vidmem.compressors.base import TokenBlock
 from vidmem.compressors.stc import prune as prune_block
 from vidmem.errors import BudgetError
 
 log = logging.getLogger(__name__)
 
-SYSTEM_PROMPT = (
-    "You are vidmem, an assistant that watches video and remembers it. The user's message holds video segments, "
-    "each preceded by the time it was recorded in square brackets. Answer the question from what the video shows, "
-    "and say when things happened using those times."
-)
-MARKER = "\u0000VIDMEM_EVIDENCE\u0000"  # stands where the evidence goes while the chat template is rendered
-LIVE_EPOCH = 1e9  # times above this are unix seconds (live streams); below, seconds from the start of a file
-
-ReadTokens = Callable[[object], np.ndarray]  # segment row -> (N, D) stored tokens
-
-
-def render_time(seconds: float) -> str:
-    """'00:01:23' for a position in recorded footage, '2026-11-21 14:03:05' for a live stream's unix time."""
-    if seconds >= LIVE_EPOCH:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
-    whole = int(seconds)
-    return f"{whole // 3600:02d}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
-
-
-def render_span(start: float, end: float) -> str:
-    end_text = render_time(end)
-    if start >= LIVE_EPOCH and render_time(start)[:10] == end_text[:10]:
-        end_text = end_text[11:]  # same day: show the date once
-    return f"[{render_time(start)}-{end_text}]"
+ReadTokens = Callable[[object], np.ndarray]  # segment row -> (N, H) stored tokens
 
 
 def tokens_at_level(tokens: np.ndarray, pick: Pick) -> torch.Tensor:
-    """The part of a segment's stored tokens that `pick.level` shows: all, the keyframe, or 49 low-resolution ones."""
+    """The stored tokens `pick.level` shows, as the segment's compressor declared its views."""
     x = torch.from_numpy(np.array(tokens))  # a copy: stored tokens are read-only memory maps
-    slow = pick.row.slow or x.shape[0]
-    if pick.level is Level.FULL:
-        return x
-    if pick.level is Level.KEY:
-        return x[:slow]
-    if x.shape[0] > slow:
-        return x[slow:]  # the fast (TimePerceiver) tokens
-    return pool_grid(x[:slow], 7)  # a 1-frame segment: its 14x14 keyframe pooled to 7x7
+    return views_of(pick.row).view(pick.level.view).apply(x)
 
 
 class ReservedLayer(DynamicLayer):
@@ -165,51 +136,17 @@ class KeptPrefix:
 class Answerer:
     """Turns picks and a question into a streamed answer with one VLM; one question at a time (a lock)."""
 
-    def __init__(self, vlm, *, max_new_tokens: int = 256, system: str = SYSTEM_PROMPT, prune: float = 1.0) -> None:
+    def __init__(self, vlm, *, max_new_tokens: int = 256, prune: float = 1.0) -> None:
         self.vlm = vlm
         self.max_new_tokens = max_new_tokens
         self.prune = prune  # share of each segment's tokens shown to the model (STC pruner); 1 shows all
-        self.system = system
         self.lock = threading.RLock()
         self.kept: KeptPrefix | None = None
-        self.cache_class: type[DynamicCache] = ReservedCache  # bench/answer.py times DynamicCache against it
-        tokenizer = vlm.tokenizer
-        self.head_text, self.tail_template = self._split_template(tokenizer)
-        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        generation = getattr(vlm.model, "generation_config", None)
-        eos = getattr(generation, "eos_token_id", None)
-        stop |= set(eos if isinstance(eos, (list, tuple)) else [eos])
-        self.stop_ids = {i for i in stop if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id}
-        self.repetition_penalty = float(getattr(generation, "repetition_penalty", None) or 1.0)  # the checkpoint's own
-        self.min_new_tokens = int(getattr(generation, "min_new_tokens", None) or 0)  # stops are held back until then
-        self.stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long)
-        # Special tokens other than the stops (<image>, <video>, padding...) are never part of an answer, nor are
-        # the checkpoint's own `suppress_tokens`.
-        vocab = vlm.model.lm_head.out_features
-        banned = {i for i in tokenizer.all_special_ids if i not in self.stop_ids}
-        banned |= set(getattr(generation, "suppress_tokens", None) or [])
-        self.banned = torch.tensor(sorted(i for i in banned if 0 <= i < vocab), dtype=torch.long)
+        self.cache_class: type[DynamicCache] = ReservedCache  # bench/answer.py times it against transformers' caches
+        self.processors = vlm.logits_processors()
+        self.stop_ids = set(vlm.stop_ids)
 
     # ---- prompt pieces -------------------------------------------------------------------------------
-    def _split_template(self, tokenizer) -> tuple[str, str]:
-        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": MARKER + "{question}"}]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # no chat template saved with the tokenizer: LLaVA-OneVision's Qwen2 ChatML by hand
-            text = (
-                f"<|im_start|>system\n{self.system}<|im_end|>\n<|im_start|>user\n{MARKER}{{question}}<|im_end|>\n"
-                "<|im_start|>assistant\n"
-            )
-        head, tail = text.split(MARKER)
-        return head, tail
-
-    def _ids(self, text: str) -> torch.Tensor:
-        ids = self.vlm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-        return ids.to(self.vlm.device)
-
-    def _text_embeds(self, text: str) -> torch.Tensor:
-        return self.vlm.embed_ids(self._ids(text))  # (S, H)
-
     def evidence(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> tuple[torch.Tensor, list[Pick]]:
         """(S, H) embeddings of the timestamped evidence, in the order given, and the picks as shown.
 
@@ -217,46 +154,31 @@ class Answerer:
         those that differ from the segment before it (related-work-abstracts.txt, STC); the picks then carry
         the counts actually shown.
         """
-        parts, shown, previous = [], [], None
+        items, shown, previous = [], [], None
         for pick in picks:
-            parts.append(self._text_embeds(render_span(pick.row.start, pick.row.end)))
             visual = tokens_at_level(read_tokens(pick.row), pick)
             if self.prune < 1.0 and visual.shape[0] > 1:
                 keep = max(1, int(visual.shape[0] * self.prune))  # floored, so the total stays within the budget
-                slow = min(pick.row.slow or visual.shape[0], visual.shape[0])
+                slow = min(pick.row.slow, visual.shape[0]) if pick.level is not Level.LOW else 0
                 pruned = prune_block(TokenBlock(visual, slow=slow), keep=keep, previous=previous)
                 previous = visual
                 visual = pruned.tokens
                 pick = replace(pick, keep=int(visual.shape[0]))
-            parts.append(self.vlm.project(visual))
+            items.append((pick.row.start, pick.row.end, visual))
             shown.append(pick)
-        parts.append(self._text_embeds("\n"))
-        return torch.cat(parts), shown
-
-    def question_embeds(self, question: str) -> torch.Tensor:
-        return self._text_embeds(self.tail_template.replace("{question}", question.strip()))
+        return self.vlm.evidence_embeds(items), shown
 
     # ---- model calls ---------------------------------------------------------------------------------
-    def _language_model(self):
-        model = self.vlm.model
-        inner = getattr(model, "model", None)
-        return getattr(inner, "language_model", None) or model.language_model
-
     @torch.inference_mode()
     def _forward(self, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """Run (S, H) embeddings through the language model on top of `cache`; return the last position's logits."""
-        past = cache.get_seq_length()
-        positions = torch.arange(past, past + embeds.shape[0], device=embeds.device)[None]  # (1, S)
-        out = self._language_model()(
-            inputs_embeds=embeds[None].to(self.vlm.dtype), past_key_values=cache, use_cache=True, position_ids=positions
-        )
-        return self.vlm.model.lm_head(out.last_hidden_state[:, -1])  # (1, vocab)
+        return self.vlm.forward(embeds, cache)
 
     def prefill(self, picks: Sequence[Pick], read_tokens: ReadTokens) -> KeptPrefix:
         """Compute and keep the KV cache of head + evidence."""
-        with self.lock:
+        with self.lock, torch.inference_mode():
             evidence, shown = self.evidence(picks, read_tokens)
-            embeds = torch.cat([self._text_embeds(self.head_text), evidence])
+            embeds = torch.cat([self.vlm.head_embeds(), evidence])
             self._check_context(embeds.shape[0])
             cache = self.cache_class()
             self._forward(embeds, cache)
@@ -265,7 +187,7 @@ class Answerer:
 
     def extend(self, kept: KeptPrefix, picks: Sequence[Pick], read_tokens: ReadTokens) -> KeptPrefix:
         """Append more evidence to a kept prefix (a live stream's new segments) without recomputing it."""
-        with self.lock:
+        with self.lock, torch.inference_mode():
             truncate(kept.cache, kept.length)
             embeds, shown = self.evidence(picks, read_tokens)
             self._check_context(kept.length + embeds.shape[0])
@@ -304,8 +226,8 @@ class Answerer:
         the caller did for this question first.
         """
         started = time.perf_counter() if started is None else started
-        with self.lock:
-            question_ids = self._ids(question)
+        with self.lock, torch.inference_mode():
+            question_ids = self.vlm.ids(question)
             if question_ids.shape[0] > self.vlm.context_length // 2:
                 raise BudgetError(
                     f"the question is {question_ids.shape[0]} tokens long, more than half the model's context "
@@ -329,7 +251,7 @@ class Answerer:
             if extra:
                 extra_embeds, extra = self.evidence(extra, read_tokens)
                 suffix.append(extra_embeds)
-            suffix.append(self.question_embeds(question))
+            suffix.append(self.vlm.question_embeds(question))
             suffix_embeds = torch.cat(suffix)
             self._check_context(prefix.length + suffix_embeds.shape[0])
             prefilled = (0 if cached else prefix.length) + suffix_embeds.shape[0]
@@ -353,30 +275,23 @@ class Answerer:
     ) -> tuple[str, float]:
         """Greedy decoding; emits text as soon as it forms whole characters. Returns (text, time to first token)."""
         tokenizer = self.vlm.tokenizer
-        ids: list[int] = []
+        ids = torch.zeros((1, 0), dtype=torch.long, device=logits.device)  # the answer so far, (1, n)
         emitted = ""
         ttft = 0.0
-        banned = self.banned.to(logits.device)
         for step in range(self.max_new_tokens):
-            logits[:, banned] = float("-inf")
-            if step < self.min_new_tokens:
-                logits[:, self.stop_tensor.to(logits.device)] = float("-inf")
-            if self.repetition_penalty != 1.0 and ids:
-                seen = torch.tensor(sorted(set(ids)), device=logits.device)
-                scores = logits[:, seen]  # CTRL-style penalty, as transformers' RepetitionPenaltyLogitsProcessor
-                logits[:, seen] = torch.where(scores > 0, scores / self.repetition_penalty, scores * self.repetition_penalty)
-            next_id = int(logits.argmax(dim=-1)[0])
+            scores = self.processors(ids, logits.float())  # the generation config: suppressions, penalties, minimum
+            next_id = int(scores.argmax(dim=-1)[0])
             if step == 0:
                 ttft = time.perf_counter() - started
             if next_id in self.stop_ids:
                 break
-            ids.append(next_id)
-            text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()  # the streamed text is the answer's
+            ids = torch.cat([ids, ids.new_tensor([[next_id]])], dim=1)
+            text = tokenizer.decode(ids[0], skip_special_tokens=True).lstrip()  # the streamed text is the answer's
             if not text.endswith("\ufffd") and len(text) > len(emitted):
                 if on_token is not None:
                     on_token(text[len(emitted) :])
                 emitted = text
             if step + 1 < self.max_new_tokens:
-                logits = self._forward(self.vlm.embed_ids(torch.tensor([next_id], device=self.vlm.device)), cache)
-        final = tokenizer.decode(ids, skip_special_tokens=True).strip()  # = the streamed pieces, bar trailing space
+                logits = self._forward(self.vlm.embed_ids(ids[0, -1:]), cache)
+        final = tokenizer.decode(ids[0], skip_special_tokens=True).strip()  # = the streamed pieces, bar trailing space
         return final, ttft

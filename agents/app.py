@@ -51,8 +51,9 @@ class Settings:
 
 @dataclass
 class EncodedSegment:
-    tokens: np.ndarray  # (N, D) float16, vision space
+    tokens: np.ndarray  # (N, H) float16, the language model's input space
     slow: int  # keyframe tokens among the N
+    views: str  # JSON: how each detail level shows the segment (compressors.Views)
     embedding: np.ndarray  # (E,) float32, L2-normalised CLIP image embedding of the keyframe
     keyframe_jpeg: bytes
 
@@ -100,16 +101,18 @@ class MemorySink:
             embeddings = app.embedder.embed_images([s.keyframe.image for s in segments])  # (B, E)
             out, offset = [], 0
             for segment, embedding in zip(segments, embeddings):
-                block = app.compressor(features[offset : offset + len(segment)].to(app.compressor_dtype))
+                block = app.vlm.compress(app.compressor, features[offset : offset + len(segment)].to(app.compressor_dtype))
                 offset += len(segment)
                 tokens = block.tokens.detach().to("cpu", torch.float16).numpy()
-                out.append(EncodedSegment(tokens, block.slow, embedding.astype(np.float32), jpeg(segment.keyframe.image)))
+                out.append(EncodedSegment(tokens, block.slow, block.views.to_json(), embedding.astype(np.float32),
+                                          jpeg(segment.keyframe.image)))
         return out
 
     def commit(self, segment, encoded: EncodedSegment) -> int:
         row = self.app.memory.add_segment(
             stream=self.stream, start=segment.start, end=segment.end, frames=len(segment), cut=segment.cut,
             tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg,
+            views=encoded.views,
         )
         self.last_row = row
         if self.app.settings.captions:
@@ -226,9 +229,10 @@ class Vidmem:
     def manifest(self):
         from vidmem.memory import Manifest
 
+        self.compressor  # noqa: B018 - loads trained weights first: a trained projector changes the fingerprint
         return Manifest(
-            encoder=self.encoder.fingerprint, encoder_name=self.encoder.name, compressor=self.compressor_tag(),
-            dim=self.encoder.dim,
+            encoder=self.vlm.fingerprint, encoder_name=self.encoder.name, compressor=self.compressor_tag(),
+            dim=self.vlm.hidden_size,
             embedder=self.embedder.name, embed_dim=self.embedder.dim,
         )
 
@@ -317,7 +321,27 @@ class Vidmem:
             raise BudgetError(f"a budget of {budget} visual tokens holds nothing; give a positive --budget")
         # With the pruner on, select for the larger budget its pruning brings back within `budget`.
         spend = int(budget / self.settings.prune)
-        return select(timeline, candidates, options=replace(opts, budget=spend), live_streams=live_streams)
+        room = self.context_room(question)
+        selection = select(timeline, candidates, options=replace(opts, budget=min(spend, room)), live_streams=live_streams)
+        # the timestamps and newlines around each segment take room in the model's context too
+        overhead = len(selection.picks) * self.vlm.span_tokens
+        if selection.visual_tokens + overhead > room:
+            fit = replace(opts, budget=max(1, room - overhead))
+            selection = select(timeline, candidates, options=fit, live_streams=live_streams)
+        selection.budget = budget
+        return selection
+
+    def context_room(self, question: str) -> int:
+        """Visual tokens and timestamps that fit in the model's context beside the template, question and answer."""
+        vlm = self.vlm
+        asked = vlm.count_tokens(question)
+        if asked > vlm.context_length // 2:
+            raise BudgetError(
+                f"the question is {asked} tokens long, more than half the model's context ({vlm.context_length}); "
+                "ask a shorter question"
+            )
+        text = vlm.count_tokens(vlm.layout.head) + vlm.count_tokens(vlm.layout.tail(question))
+        return vlm.context_length - self.settings.max_new_tokens - text
 
     def ask(
         self,

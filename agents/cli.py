@@ -125,28 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_flag(p)
     _common(p)
 
-    p = sub.add_parser("train", help="train a compressor (Clapper stage 1, or SVC reconstruction)")
-    p.add_argument("data", type=Path, help='JSONL of {"video": path, "caption": text} (paths relative to the file)')
-    p.add_argument("--output", type=Path, required=True, help="checkpoint file to write (.safetensors)")
-    p.add_argument("--compressor", default="timeperceiver", help="compressor to train (default timeperceiver)")
-    p.add_argument("--compressor-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a compressor option, e.g. depth=3 (repeatable; values are JSON or strings)")
-    p.add_argument("--objective", choices=("caption", "reconstruction"), default="caption",
-                   help="caption: Clapper stage 1 (next-token loss); reconstruction: SVC video-only pretraining")
-    p.add_argument("--init", type=Path, help="continue from this checkpoint")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of training video")
-    p.add_argument("--max-frames", type=int, default=96, help="frames per video at most (Clapper: 96)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--freeze-projector", action="store_true", help="keep the VLM's projector as it is")
-    p.add_argument("--train-llm", action="store_true", help="also train the language model")
-    p.add_argument("--seed", type=int, default=0)
-    _common(p)
+    _train_parser(sub)
 
     p = sub.add_parser("stats", help="streams, segments, bytes and time covered")
     _common(p)
@@ -343,20 +322,65 @@ def _key_values(pairs: list[str]) -> dict:
     return options
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from vidmem.compressors.train import TrainOptions, train
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a compressor (Clapper stage 1, question answering, or SVC reconstruction)")
+    p.add_argument("data", type=Path, help='JSONL of {"video", "caption"} (caption), {"video", "question", "answer"} '
+                                           "(qa) or {\"video\"} (reconstruction); paths relative to the file")
+    p.add_argument("--output", type=Path, required=True, help="checkpoint file to write (.safetensors)")
+    p.add_argument("--compressor", default="timeperceiver", help="compressor to train (default timeperceiver)")
+    p.add_argument("--compressor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a compressor option, e.g. depth=3 (repeatable; values are JSON or strings)")
+    p.add_argument("--objective", choices=("caption", "qa", "reconstruction"), default="caption",
+                   help="caption: Clapper stage 1; qa: answers to questions over the video; "
+                        "reconstruction: SVC video-only pretraining")
+    p.add_argument("--prompt", default="Describe the video.", help="the question the caption objective asks")
+    p.add_argument("--init", type=Path, help="start a new run from this checkpoint's weights")
+    p.add_argument("--resume", type=Path, help="continue the run that saved this checkpoint (optimiser, step, rng)")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps in all (a resumed run continues up to this)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of training video, as ingest")
+    p.add_argument("--max-frames", type=int, default=96, help="sampled frames of evidence per example at most")
+    p.add_argument("--val", type=Path, help="JSONL of validation examples")
+    p.add_argument("--val-split", type=float, default=0.0, help="else hold out this share of the training videos")
+    p.add_argument("--cache-dir", type=Path, help="vision feature cache (default ~/.cache/vidmem/features)")
+    p.add_argument("--save-every", type=int, default=0, help="also save checkpoint and state every N steps")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--freeze-projector", action="store_true", help="keep the VLM's projector as it is")
+    p.add_argument("--train-llm", action="store_true",
+                   help="also train the language model; the trained model is saved to --output-model")
+    p.add_argument("--output-model", type=Path,
+                   help="model directory --train-llm writes (default: OUTPUT's name + '-model'); ask with --model DIR")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
 
-    report = train(TrainOptions(
-        data=args.data, output=args.output, model=args.model, device=args.device, compressor=args.compressor,
-        compressor_options=_key_values(args.compressor_option), init=args.init, objective=args.objective,
-        steps=args.steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        fps=args.fps, max_frames=args.max_frames, precision=args.precision, seed=args.seed,
-        train_projector=not args.freeze_projector, train_llm=args.train_llm, progress=sys.stderr.isatty(),
-    ))
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vidmem.agents.models import load_vlm
+    from vidmem.compressors.checkpoint import load_state
+    from vidmem.compressors.train import TrainOptions, load_examples, train
+
+    options = TrainOptions(
+        data=args.data, output=args.output, compressor=args.compressor,
+        compressor_options=_key_values(args.compressor_option), init=args.init, resume=args.resume,
+        objective=args.objective, prompt=args.prompt, steps=args.steps, lr=args.lr, warmup=args.warmup,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, fps=args.fps, max_frames=args.max_frames,
+        val=args.val, val_split=args.val_split, cache_dir=args.cache_dir, save_every=args.save_every,
+        precision=args.precision, seed=args.seed, train_projector=not args.freeze_projector, train_llm=args.train_llm,
+        output_model=args.output_model, progress=sys.stderr.isatty(),
+    ).validate()
+    load_examples(options)  # bad flags, data and checkpoints fail before a model loads
+    state = load_state(args.resume) if args.resume is not None else None
+    model = args.model or (state.model_dir if state is not None else None)  # --train-llm resumes its saved model
+    report = train(options, vlm=load_vlm(model, device=args.device))
     payload = report.to_json()
-    _emit(args, payload, f"trained {args.compressor} for {payload.get('steps')} steps: loss "
-                         f"{payload.get('first_loss', float('nan')):.4f} -> {payload.get('last_loss', float('nan')):.4f}; "
-                         f"saved {args.output}")
+    val = "" if report.val_loss is None else f", validation loss {report.val_loss:.4f}"
+    saved = f"saved {args.output}" + (f" and the model {report.model_dir}" if report.model_dir else "")
+    _emit(args, payload, f"trained {args.compressor} for {payload['steps']} steps: loss "
+                         f"{payload['first_loss']:.4f} -> {payload['last_loss']:.4f}{val}; {saved}")
     return 0
 
 
@@ -369,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if level > logging.DEBUG:
-        for noisy in ("transformers", "sentence_transformers", "huggingface_hub", "httpx"):
+        for noisy in ("transformers", "sentence_transformers", "huggingface_hub", "httpx", "torchao", "torch.utils._pytree",
+                      "nncf"):  # optional accelerators transformers imports when installed talk at import
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -4,9 +4,8 @@ One code path for both: a local directory is passed straight to `from_pretrained
 Hugging Face cache when it is there, downloaded when the hub answers, and otherwise refused at once with one
 sentence saying how to fetch it (no minutes of retries when the machine is offline).
 
-- `load_vlm`: LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): its SigLIP tower becomes vidmem's
-  `VisionEncoder`, its projector maps stored tokens into the language model's width, its tokenizer and chat
-  template frame the question (DESIGN.md, "Answering").
+- `load_vlm`: LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`) wrapped in the `VLM` adapter
+  (agents/vlm.py), which owns its tower, projector, template and language model (DESIGN.md, "Answering").
 - `load_embedder`: a sentence-transformers CLIP for keyframes and query text; `load_caption_embedder`: a
   sentence-transformers text model for captions and transcripts.
 """
@@ -18,7 +17,7 @@ import os
 import socket
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -26,7 +25,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from vidmem.compressors.encoder import Preprocess, VisionEncoder
+from vidmem.agents.vlm import TEMPLATE_FILES, VLM
 from vidmem.errors import ConfigError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ DEFAULT_CAPTION_EMBEDDER = "all-MiniLM-L6-v2"
 
 HUB_PROBE_TIMEOUT_S = 3.0  # seconds to wait for a TCP connection to the hub before calling it unreachable
 ST_ORGANIZATION = "sentence-transformers"  # where sentence-transformers looks up bare names like "clip-ViT-B-32"
-_VISUAL_MARKER = "\x00VIDMEM-VISUAL\x00"  # stands where the visual evidence goes while the chat template renders
 
 
 # ---------------------------------------------------------------------------------------------------- devices
@@ -226,98 +224,6 @@ def _loading(source: _Source, what: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------- the VLM
 
 
-@dataclass
-class VLM:
-    """A loaded LLaVA-OneVision: the language model, its tokenizer, its vision tower as vidmem's encoder."""
-
-    model: Any  # LlavaOnevisionForConditionalGeneration, eval mode, on `device` in `dtype`
-    tokenizer: Any  # its tokenizer, with the chat template
-    encoder: VisionEncoder  # the model's own SigLIP tower with the checkpoint's preprocessing
-    name: str  # what it was loaded from (hub id or directory), for messages and memory metadata
-    device: torch.device
-    dtype: torch.dtype
-    context_length: int  # text_config.max_position_embeddings
-    stop_ids: tuple[int, ...] = field(default=())  # token ids that end an answer (<|im_end|>, <|endoftext|>)
-
-    @property
-    def _inner(self) -> Any:
-        """The LlavaOnevisionModel inside (transformers 5 nests it under `.model`; 4.x kept its parts on top)."""
-        return self.model.model if hasattr(self.model, "model") else self.model
-
-    @property
-    def hidden_size(self) -> int:
-        """The language model's width H."""
-        return int(self.model.config.text_config.hidden_size)
-
-    @property
-    def projector(self) -> torch.nn.Module:
-        """The model's `multi_modal_projector` (vision width D -> language width H)."""
-        return self._inner.multi_modal_projector
-
-    @torch.no_grad()
-    def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, D) tokens in the vision tower's space -> (N, H) language-model input embeddings."""
-        return self._inner.multi_modal_projector(tokens.to(self.device, self.dtype))
-
-    @property
-    def image_newline(self) -> torch.Tensor | None:
-        """(H,) the learned separator LLaVA-OneVision appends after a video's frames (None if the model has none)."""
-        newline = getattr(self._inner, "image_newline", None)
-        return None if newline is None else newline.detach().to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """(..., T) token ids -> (..., T, H) input embeddings."""
-        return self.model.get_input_embeddings()(ids.to(self.device))
-
-    def chat_prompt(self, system: str, user: str) -> tuple[str, str]:
-        """The chat-templated prompt split where the visual evidence goes: (text before it, text after it).
-
-        As in LLaVA-OneVision's own prompts, the visual block opens the user turn and the question follows on the
-        next line: `before` ends with "<|im_start|>user\\n",
-        `after` is "\\n{user}<|im_end|>\\n<|im_start|>assistant\\n".
-        The caller embeds before + visual embeddings + after and generates from there.
-        """
-        content = f"{_VISUAL_MARKER}\n{user}"
-        text = _render_chat(self.tokenizer, system, content)
-        before, _, after = text.partition(_VISUAL_MARKER)
-        return before, after
-
-    def chat_ids(self, system: str, user: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`chat_prompt` tokenized: two 1-D LongTensors of ids (no extra special tokens added)."""
-        before, after = self.chat_prompt(system, user)
-        return self._encode(before), self._encode(after)
-
-    def _encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-
-    def count_tokens(self, text: str) -> int:
-        """How many tokens `text` takes (for budgeting against `context_length`)."""
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _render_chat(tokenizer: Any, system: str, content: str) -> str:
-    """Renders system + user with the tokenizer's chat template (string or multimodal content), or Qwen2's format."""
-    attempts = (
-        [{"role": "system", "content": system}, {"role": "user", "content": content}],
-        [
-            {"role": "system", "content": [{"type": "text", "text": system}]},
-            {"role": "user", "content": [{"type": "text", "text": content}]},
-        ],
-    )
-    if getattr(tokenizer, "chat_template", None):
-        for messages in attempts:
-            try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # a template that wants the other content shape
-                log.debug("chat template rejected %s content: %s", type(messages[1]["content"]).__name__, exc)
-                continue
-            if isinstance(text, str) and _VISUAL_MARKER in text:
-                return text
-    log.debug("no usable chat template; using Qwen2's format")
-    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-
-
 def load_vlm(name_or_path: str | None = None, *, device: str = "auto", attn: str | None = None) -> VLM:
     """Loads LLaVA-OneVision from a hub id or a local directory: bf16 on a GPU (flash-attention 2 when installed,
     else SDPA), float32 + SDPA on a CPU. Anything that fails to load is a ModelNotFoundError."""
@@ -345,51 +251,13 @@ def load_vlm(name_or_path: str | None = None, *, device: str = "auto", attn: str
         )
         model = model.to(dev).eval()
         tokenizer = AutoTokenizer.from_pretrained(source.path, **hub)
-        pre_file = cached_file(
-            source.path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub
-        )
-    vision_config = config.vision_config
-    preprocess_config = _read_json(pre_file) if pre_file else {}
-    if not pre_file:
-        log.warning("%s has no preprocessor_config.json; normalising with mean/std 0.5", name)
-    preprocess = Preprocess.from_config(preprocess_config, default_size=int(vision_config.image_size))
-    feature_layer = config.vision_feature_layer
-    if not isinstance(feature_layer, int):  # a list of layers is concatenated upstream; vidmem takes the last one
-        log.warning("%s selects vision layers %s; vidmem uses the last one", name, feature_layer)
-        feature_layer = int(list(feature_layer)[-1])
-    tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
-    encoder = VisionEncoder(tower, preprocess=preprocess, feature_layer=feature_layer, name=name)
-    log.info("loaded %s on %s (%s, %s attention)", name, dev, dtype, attn)
-    return VLM(
-        model=model,
-        tokenizer=tokenizer,
-        encoder=encoder,
-        name=name,
-        device=dev,
-        dtype=dtype,
-        context_length=int(config.text_config.max_position_embeddings),
-        stop_ids=_stop_ids(model, tokenizer),
-    )
-
-
-def _read_json(path: str) -> dict:
-    import json
-
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
-    """The ids that end a reply: the generation config's eos ids, the tokenizer's eos and Qwen2's <|im_end|>."""
-    ids: list[int] = []
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.extend(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
-    return tuple(dict.fromkeys(int(i) for i in ids))
+        files = {
+            file: cached_file(source.path, file, _raise_exceptions_for_missing_entries=False, **hub)
+            for file in ("preprocessor_config.json", *TEMPLATE_FILES)
+        }
+    vlm = VLM.wrap(model, tokenizer, name=name, files=files)
+    log.info("loaded %s on %s (%s, %s attention, template from %s)", name, dev, dtype, attn, vlm.layout.form)
+    return vlm
 
 
 # ---------------------------------------------------------------------------------------------------- embedders

@@ -1,9 +1,10 @@
 """LLaVA-OneVision's own video path, for comparison and for users who want it.
 
 Uniformly sampled frames go through the model's stock video route (vision tower -> projector -> 2x2 bilinear
-pooling, 196 tokens per frame, plus the `image_newline` token), exactly as `get_video_features` does, and the
-same prompt and greedy decoding as vidmem's answers. This is what vidmem's budgeted evidence is measured against:
-at 1 fps an hour of video is 3600 x 196 = 705,600 visual tokens here, against at most the budget with vidmem.
+pooling, 196 tokens per frame, plus the `image_newline` token; `VLM.video_embeds`), exactly as transformers'
+`get_video_features` does, with the same template and greedy decoding as vidmem's answers. This is what vidmem's
+budgeted evidence is measured against: at 1 fps an hour of video is 3600 x 196 = 705,600 visual tokens here, against
+at most the budget with vidmem.
 """
 from __future__ import annotations
 
@@ -26,12 +27,7 @@ def native_tokens(frames: int) -> int:
 @torch.inference_mode()
 def native_visual_embeds(vlm, frames: list[np.ndarray]) -> torch.Tensor:
     """(F * 196 + 1, H) projected, pooled video features through the model's own video path."""
-    features = vlm.encoder(frames)  # (F, 729, D), the tower's selected layer
-    inner = getattr(vlm.model, "model", vlm.model)
-    projected = inner.multi_modal_projector(features.to(vlm.dtype))  # (F, 729, H)
-    pooled = inner.apply_pooling(projected)  # (F, 196, H)
-    newline = inner.image_newline[None].to(pooled.dtype)  # (1, H)
-    return torch.cat([pooled.reshape(-1, pooled.shape[-1]), newline])
+    return vlm.video_embeds(vlm.encoder(frames))
 
 
 def native_answer(
@@ -39,9 +35,10 @@ def native_answer(
 ) -> Answer:
     """Answer from `frames` with the stock LLaVA-OneVision video representation (no memory, no budget)."""
     started = time.perf_counter()
-    with answerer.lock:
-        visual = native_visual_embeds(answerer.vlm, frames)
-        embeds = torch.cat([answerer._text_embeds(answerer.head_text), visual, answerer.question_embeds(question)])
+    vlm = answerer.vlm
+    with answerer.lock, torch.inference_mode():
+        visual = native_visual_embeds(vlm, frames)
+        embeds = torch.cat([vlm.head_embeds(), visual.to(vlm.dtype_of_embeddings), vlm.question_embeds(question)])
         answerer._check_context(embeds.shape[0])
         cache = answerer.cache_class()
         logits = answerer._forward(embeds, cache)

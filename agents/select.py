@@ -2,27 +2,31 @@
 
 DESIGN.md "Selection under a budget": always the recent window on a live stream; FAISS candidates for the
 question; neighbours merged into key clips (F2C, related-work-abstracts.txt); resolution per segment by
-relevance (full 245, keyframe 196, or 49 low-resolution tokens); evenly spaced low-resolution anchors over the
-whole range with what is left, so the storyline survives; chronological order. The total never exceeds the
-budget: every step only adds what still fits.
+relevance (full, keyframe or low detail, at the costs each segment's compressor declared in its views: 245, 196
+and 49 for TimePerceiver); evenly spaced low-detail anchors over the whole range with what is left, so the
+storyline survives; chronological order. The total never exceeds the budget: every step only adds what still fits.
 """
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
+from vidmem.compressors.base import Views
 from vidmem.errors import BudgetError
-
-LOW_TOKENS = 49  # low resolution: the 49 fast tokens, or the keyframe pooled 14x14 -> 7x7 for a 1-frame segment
 
 
 class Level(enum.IntEnum):
-    """How much of a stored segment goes to the model; higher is more detail."""
+    """How much of a stored segment goes to the model; higher is more detail (the compressor's views)."""
 
-    LOW = 1  # 49 tokens
-    KEY = 2  # the keyframe's slow tokens (196)
-    FULL = 3  # everything stored (245 for a segment of 2-4 frames)
+    LOW = 1  # the "low" view (TimePerceiver: the 49 fast tokens, or a 1-frame keyframe pooled to 7x7)
+    KEY = 2  # the "key" view (TimePerceiver: the keyframe's 196 tokens)
+    FULL = 3  # everything stored (TimePerceiver: 245 for a segment of 2-4 frames)
+
+    @property
+    def view(self) -> str:
+        return self.name.lower()
 
 
 class Row(Protocol):
@@ -34,15 +38,22 @@ class Row(Protocol):
     end: float
     tokens: int
     slow: int
+    views: str | None  # the compressor's views as JSON; None: keyframe-first layout (Views.legacy)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_views(text: str | None, count: int, slow: int) -> Views:
+    return Views.from_json(text, count) if text else Views.legacy(count, slow)
+
+
+def views_of(row: Row) -> Views:
+    """How `row` is shown at each level, as its compressor declared it."""
+    return _parse_views(getattr(row, "views", None), row.tokens, row.slow)
 
 
 def cost(row: Row, level: Level) -> int:
     """Visual tokens that `row` costs at `level`."""
-    if level is Level.FULL:
-        return row.tokens
-    if level is Level.KEY:
-        return row.slow if row.slow else row.tokens
-    return min(LOW_TOKENS, row.tokens)
+    return views_of(row).cost(level.view)
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,9 @@ def select(
 
     # 3. Anchors: evenly spaced low-resolution segments over the whole range with whatever is left.
     free = [r for r in timeline if r.id not in ledger.picks]
-    room = (options.budget - ledger.spent) // LOW_TOKENS
+    if free:
+        low = sorted(cost(r, Level.LOW) for r in free)[len(free) // 2]  # the typical anchor's cost
+        room = (options.budget - ledger.spent) // max(1, low)
     if free and room > 0:
         count = min(room, len(free))
         step = len(free) / count

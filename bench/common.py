@@ -146,7 +146,7 @@ def tiny_checkpoints(root: Path) -> dict[str, Path]:
 def qwen2_tokenizer():
     """The tests' byte-level BPE with Qwen2's special tokens and chat template (ids < 700: fine for timing)."""
     _tests_on_path()
-    from checkpoints import QWEN2_CHAT_TEMPLATE, QWEN2_SPECIALS, _bpe_tokenizer
+    from checkpoints import LLAVA_CHAT_TEMPLATE, QWEN2_SPECIALS, _bpe_tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
@@ -157,7 +157,7 @@ def qwen2_tokenizer():
         model_max_length=QWEN2_05B["max_position_embeddings"],
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE  # the processor's list-content template, as the real checkpoint's
     return tokenizer
 
 
@@ -172,8 +172,9 @@ def full_size_vlm(*, device: str = "cpu", vision_layers: int = 1, text_layers: i
     """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-    from vidmem.agents.models import VLM, _check_attention, _stop_ids, resolve_device
-    from vidmem.compressors.encoder import Preprocess, VisionEncoder
+    from vidmem.agents.models import _check_attention, resolve_device
+    from vidmem.agents.vlm import VLM
+    from vidmem.compressors.encoder import Preprocess
 
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -198,18 +199,8 @@ def full_size_vlm(*, device: str = "cpu", vision_layers: int = 1, text_layers: i
         model = LlavaOnevisionForConditionalGeneration(config)
     model = model.to(dtype).eval()
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    tower = model.model.vision_tower
-    encoder = VisionEncoder(tower, preprocess=Preprocess(size=384), feature_layer=-1, name="llava-onevision-0.5b-random")
-    return VLM(
-        model=model,
-        tokenizer=tokenizer,
-        encoder=encoder,
-        name="llava-onevision-qwen2-0.5b-ov (architecture, random weights)",
-        device=dev,
-        dtype=dtype,
-        context_length=QWEN2_05B["max_position_embeddings"],
-        stop_ids=_stop_ids(model, tokenizer),
-    )
+    return VLM.wrap(model, tokenizer, name="llava-onevision-qwen2-0.5b-ov (architecture, random weights)",
+                    preprocess=Preprocess(size=384))
 
 
 def clip512_checkpoint(directory: Path, *, seed: int = 0) -> Path:

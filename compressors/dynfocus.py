@@ -14,7 +14,8 @@ mean) and a context token condensed by attention over its spatial prototypes (eq
 Departures: vidmem compresses at ingest time, before any question exists, so the Rods' text-grounded query is a
 learned query, and the score network is question-agnostic; both are zero-initialised, as are the residual MLPs
 that keep the tokens in the vision space, so an untrained DynFocus picks frames by DPC-KNN alone and emits plain
-(cluster-mean) prototypes.
+(cluster-mean) prototypes. Tokens are built in the vision space and projected after. Views: "key" is the first
+important frame's cone (1 + 64 + 32 + 16 = 113 tokens), "low" its event prototype and coarsest prototypes (17).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidmem.compressors.base import Compressor, TokenBlock, pool_grid, register, stride_side
+from vidmem.compressors.base import Compressor, Project, TokenBlock, View, Views, identity, pool_grid, stride_side
 
 
 @dataclass
@@ -109,7 +110,6 @@ class ResidualMLP(nn.Module):
         return x + self.net(x)
 
 
-@register("dynfocus")
 class DynFocusCompressor(Compressor):
     """Cones for the segment's event frames (1 + sum(spatial) tokens each), Rods (2 tokens) for the others."""
 
@@ -202,20 +202,31 @@ class DynFocusCompressor(Compressor):
         tokens = torch.cat([event.mean(dim=0, keepdim=True), *self.spatial_prototypes(frame)])  # (1 + sum, D)
         return self.cones(tokens)
 
-    def forward(self, features: torch.Tensor) -> TokenBlock:
+    def forward(self, features: torch.Tensor, project: Project | None = None) -> TokenBlock:
         # features: (T, L, D) for one segment
         dtype = features.dtype
         features = self._input(features)
         frames, events, gates = self.select_events(features)
         cone_of = {int(f): i for i, f in enumerate(frames)}
-        parts = []
+        parts, first_cone = [], None
         for t in range(features.shape[0]):
             if t in cone_of:
                 i = cone_of[t]
+                if first_cone is None:
+                    first_cone = sum(part.shape[0] for part in parts)
                 parts.append(self.cone(features[t], events[i]) * gates[i].to(features.dtype))
             else:
                 parts.append(self.rod(features[t]))
-        return TokenBlock(torch.cat(parts).to(dtype), slow=0)
+        tokens = (project or identity)(torch.cat(parts))  # (N, C), frames in time order
+        # key: the first important frame's cone; low: its event prototype plus its coarsest spatial prototypes
+        start = first_cone or 0
+        coarse = start + 1 + sum(self.spatial[:-1])
+        views = Views(
+            count=tokens.shape[0],
+            key=View(((start, start + self.cone_tokens),)),
+            low=View(((start, start + 1), (coarse, start + self.cone_tokens))),
+        )
+        return TokenBlock(tokens.to(dtype), slow=0, views=views)
 
     def config(self) -> dict:
         return {**super().config(), **self.options}

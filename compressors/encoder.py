@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -61,21 +62,29 @@ class VisionEncoder:
         tower: nn.Module,
         *,
         preprocess: Preprocess,
-        feature_layer: int = -1,
+        feature_layer: int | Sequence[int] = -1,
+        select_strategy: str = "full",
         name: str = "vision-encoder",
         batch_size: int = 8,
     ) -> None:
         self.tower = tower.eval()
         self.preprocess = preprocess
-        self.feature_layer = feature_layer
+        # LLaVA's config: which hidden state(s) are the features (a list is concatenated along the width), and
+        # whether the first token is dropped ("default", for towers with a CLS token) or kept ("full", SigLIP)
+        self.feature_layer = feature_layer if isinstance(feature_layer, int) else tuple(int(i) for i in feature_layer)
+        if select_strategy not in ("full", "default"):
+            raise ValueError(f"unknown vision_feature_select_strategy {select_strategy!r}")
+        self.select_strategy = select_strategy
         self.name = name
         self.batch_size = batch_size
         self.calls = 0  # images encoded so far; the static check and the cacher are measured by it
         param = next(tower.parameters())
         self.device, self.dtype = param.device, param.dtype
         config = tower.config
-        self.dim = int(config.hidden_size)
-        self.num_patches = (int(config.image_size) // int(config.patch_size)) ** 2
+        layers = 1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
+        self.dim = int(config.hidden_size) * layers
+        self.side = int(config.image_size) // int(config.patch_size)  # 27 for SigLIP at 384 px, patch 14
+        self.num_patches = self.side**2
         self.fingerprint = _fingerprint(tower)
 
     @torch.inference_mode()
@@ -85,9 +94,18 @@ class VisionEncoder:
             chunk = images[start : start + self.batch_size]
             pixels = self.preprocess(chunk, device=self.device, dtype=self.dtype)
             hidden = self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states
-            outputs.append(hidden[self.feature_layer])  # (b, L, D)
+            outputs.append(self.select(hidden))  # (b, L, D)
             self.calls += len(chunk)
         return torch.cat(outputs)
+
+
+    def select(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The features LLaVA-OneVision uses from the tower's hidden states, as `get_video_features` selects them."""
+        if isinstance(self.feature_layer, int):
+            features = hidden_states[self.feature_layer]  # (b, L', D)
+        else:
+            features = torch.cat([hidden_states[i] for i in self.feature_layer], dim=-1)  # (b, L', D * layers)
+        return features[:, 1:] if self.select_strategy == "default" else features
 
 
 def _fingerprint(tower: nn.Module) -> str:

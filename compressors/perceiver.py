@@ -13,8 +13,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from vidmem.compressors.base import Compressor, TokenBlock, pool_grid, register, stride_side
-from vidmem.compressors.timeperceiver import FAST_STRIDE, KEYFRAME_STRIDE, FeedForward, PerceiverAttention
+from vidmem.compressors.base import Compressor, Project, TokenBlock, View, Views, identity, keyframe_tokens, pool_grid
+from vidmem.compressors.base import stride_side
+from vidmem.compressors.layers import FeedForward, PerceiverAttention
+from vidmem.compressors.timeperceiver import FAST_STRIDE, KEYFRAME_STRIDE
 
 
 class PerceiverResampler(nn.Module):
@@ -45,7 +47,6 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
-@register("perceiver")
 class SlowFastPerceiver(Compressor):
     """Keyframe (196 tokens) plus 49 fast tokens from learned queries; the ablation baseline for TimePerceiver."""
 
@@ -81,16 +82,17 @@ class SlowFastPerceiver(Compressor):
         slow = self.slow_side**2
         return slow if num_frames == 1 else slow + self.fast_side**2
 
-    def forward(self, features: torch.Tensor) -> TokenBlock:
+    def forward(self, features: torch.Tensor, project: Project | None = None) -> TokenBlock:
         # features: (T, L, D) for one segment
         dtype = features.dtype
         features = self._input(features)
-        keyframe = pool_grid(features[0], self.slow_side)  # (196, D)
+        keyframe = keyframe_tokens(features[0], project, self.slow_side)  # (196, C)
+        slow = keyframe.shape[0]
         if features.shape[0] == 1:
-            return TokenBlock(keyframe.to(dtype), slow=keyframe.shape[0])
+            views = Views(count=slow, key=View(((0, slow),)), low=View(((0, slow),), pool=self.fast_side))
+            return TokenBlock(keyframe.to(dtype), slow=slow, views=views)
         pooled = pool_grid(features, self.fast_side).mean(dim=0)  # (49, D): the safe starting point
-        fast = pooled + self.out_gate.tanh() * self.resampler(features[None])[0]  # (49, D)
-        return TokenBlock(torch.cat((keyframe, fast), dim=0).to(dtype), slow=keyframe.shape[0])
-
-    def config(self) -> dict:
-        return {**super().config(), **self.options}
+        fast = (project or identity)(pooled + self.out_gate.tanh() * self.resampler(features[None])[0])  # (49, C)
+        tokens = torch.cat((keyframe, fast.to(keyframe.dtype)), dim=0)  # (245, C)
+        views = Views(count=tokens.shape[0], key=View(((0, slow),)), low=View(((slow, tokens.shape[0]),)))
+        return TokenBlock(tokens.to(dtype), slow=slow, views=views)

@@ -8,7 +8,8 @@ a frame's N tokens become K (16 by default, FTFV's S4-V16), and a segment of T f
 Departures: FTFV's adapter maps features into the LLM's space; vidmem stores tokens in the vision space and lets
 the VLM's own projector map them at question time, so the values are the frame's own patch features (no value or
 output projection): every kept token is an attention-weighted average of real vision features, meaningful even
-untrained. Fixed 2D sine-cosine positions are added to the keys, as FTFV's adapter adds 2D positional encodings.
+untrained; the kept tokens are then projected. Fixed 2D sine-cosine positions are added to the keys, as FTFV's
+adapter adds 2D positional encodings. Views: "key" and "low" are the first frame's K tokens.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from vidmem.compressors.base import Compressor, TokenBlock, register
+from vidmem.compressors.base import Compressor, Project, TokenBlock, View, Views, identity
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -33,7 +34,6 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
     return nn.functional.pad(emb, (0, dim - emb.shape[1]))  # (L, dim)
 
 
-@register("weighted-sampler")
 class WeightedTokenSampler(Compressor):
     """Per frame: N query tokens by cross-attention, keep the K whose maximum attention weight is highest."""
 
@@ -62,7 +62,7 @@ class WeightedTokenSampler(Compressor):
         weights = logits.float().softmax(dim=-1).to(features.dtype)  # (T, N, L), rows sum to 1
         return weights, torch.einsum("tnl,tld->tnd", weights, features)
 
-    def forward(self, features: torch.Tensor) -> TokenBlock:
+    def forward(self, features: torch.Tensor, project: Project | None = None) -> TokenBlock:
         # features: (T, L, D) for one segment
         dtype = features.dtype
         features = self._input(features)
@@ -70,7 +70,9 @@ class WeightedTokenSampler(Compressor):
         scores = weights.amax(dim=-1)  # r^t of eq. 2: (T, N)
         idx = scores.float().topk(self.keep, dim=-1).indices  # (T, K), highest score first
         kept = outputs.gather(1, idx[..., None].expand(-1, -1, self.dim))  # (T, K, D)
-        return TokenBlock(kept.reshape(-1, self.dim).to(dtype), slow=0)  # (T*K, D), frames in time order
+        tokens = (project or identity)(kept.reshape(-1, self.dim))  # (T*K, C), frames in time order
+        first = View(((0, self.keep),))  # the first frame's K tokens stand for the segment at lower detail
+        return TokenBlock(tokens.to(dtype), slow=0, views=Views(count=tokens.shape[0], key=first, low=first))
 
     def config(self) -> dict:
         return {**super().config(), **self.options}

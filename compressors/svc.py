@@ -19,6 +19,8 @@ Departures: the last convolution of every residual branch is zero-initialised, s
 exactly avgpool3d(f) (a safe training-free start, DESIGN.md) and its decoder starts as nearest upsampling. Segments
 shorter than s_t frames and grids not divisible by the stride are padded by replication for the convolutions,
 while the average-pool term uses adaptive pooling over the real frames and patches (27 -> 7, as `pool_grid`).
+The latent lives in the vision space (eq. 10) and is projected into the language model's space after; with
+`keyframe=True` the slow keyframe (LLaVA-OneVision's video form) is shown first, as in Clapper's slow-fast layout.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vidmem.compressors.base import Compressor, TokenBlock, pool_grid, register, stride_side
+from vidmem.compressors.base import Compressor, Project, TokenBlock, View, Views, identity, keyframe_tokens, stride_side
 from vidmem.compressors.timeperceiver import KEYFRAME_STRIDE
 
 
@@ -80,7 +82,6 @@ class ResidualBlock(nn.Module):
         return x + self.conv(self.norm(x))
 
 
-@register("svc")
 class SVCCompressor(Compressor):
     """SVC latent tokens (49 for a segment of up to 4 frames at 4x4x4); `decode` and `reconstruction_loss` train it."""
 
@@ -169,17 +170,20 @@ class SVCCompressor(Compressor):
         target = features.to(next(self.parameters()).dtype)
         return (self.decode(self.encode(target), target.shape[1]) - target).abs().mean()
 
-    def forward(self, features: torch.Tensor) -> TokenBlock:
+    def forward(self, features: torch.Tensor, project: Project | None = None) -> TokenBlock:
         # features: (T, L, D) for one segment
         dtype = features.dtype
         features = self._input(features)
         latent = self.encode(features[None])[0]  # (D, t, h, w)
-        tokens = rearrange(latent, "d t h w -> (t h w) d")  # time-major latent tokens
+        tokens = (project or identity)(rearrange(latent, "d t h w -> (t h w) d"))  # time-major latent tokens (N, C)
+        group = self.latent_side**2  # latent tokens of one temporal group (49)
         slow = 0
         if self.keyframe:
-            keyframe = pool_grid(features[0], self.slow_side)  # (196, D)
-            tokens, slow = torch.cat((keyframe, tokens), dim=0), keyframe.shape[0]
-        return TokenBlock(tokens.to(dtype), slow=slow)
+            keyframe = keyframe_tokens(features[0], project, self.slow_side)  # (196, C)
+            tokens, slow = torch.cat((keyframe, tokens.to(keyframe.dtype)), dim=0), keyframe.shape[0]
+        # key: the keyframe, or the first temporal group's latent; low: the first latent group
+        views = Views(count=tokens.shape[0], key=View(((0, slow or group),)), low=View(((slow, slow + group),)))
+        return TokenBlock(tokens.to(dtype), slow=slow, views=views)
 
     def config(self) -> dict:
         return {**super().config(), **self.options}

@@ -1,66 +1,34 @@
 """Clapper's slow-fast segment representation with the TimePerceiver (clapper-timeperceiver.txt, section 3.1).
 
 A segment of T <= 4 frames becomes
-  slow: the keyframe (frame 0) pooled 2x2 on the patch grid, 27x27 -> 14x14 = 196 tokens;
+  slow: the keyframe (frame 0) through the VLM's projector, then pooled bilinearly 27x27 -> 14x14 = 196 tokens:
+        exactly the form LLaVA-OneVision's video frames take (`get_video_features`), so a stock checkpoint reads it
+        as it was trained to;
   fast: 49 TimePerceiver tokens whose queries are the frames pooled 4x4 (27x27 -> 7x7) and then averaged over
-        time, cross-attending (Flamingo-style) to concat(queries, all T*L frame features).
+        time, cross-attending (Flamingo-style) to concat(queries, all T*L frame features), then projected
+        (Clapper: vision encoder -> TimePerceiver -> MLP -> LLM).
 So a 4-frame segment costs 196 + 49 = 245 tokens, a 2- or 3-frame one 245, and a 1-frame one 196.
 
 Departures from the paper: each layer's residual branches are tanh-gated with gates initialised at zero (as in
 Flamingo's gated cross-attention), so the untrained module returns its pooled queries exactly and a stock VLM
 works before any training; training opens the gates. Flamingo's learned time embeddings are added to the media
 (zero-initialised): without them attention over the flattened frames could not tell frame order apart. Flamingo's
-final LayerNorm is left out so the output stays in the vision space the VLM's projector expects.
+final LayerNorm is left out so the output stays in the vision space the VLM's projector expects. Views: "key" is
+the keyframe, "low" the 49 fast tokens (a 1-frame segment: its keyframe pooled to 7x7).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vidmem.compressors.base import Compressor, TokenBlock, pool_grid, register, stride_side
+from vidmem.compressors.base import (
+    Compressor, Project, TokenBlock, View, Views, identity, keyframe_tokens, pool_grid, stride_side,
+)
+from vidmem.compressors.layers import FeedForward, PerceiverAttention
 
 KEYFRAME_STRIDE = 2  # slow path: 2x2 spatial pooling of the keyframe (196 tokens from 27x27)
 FAST_STRIDE = 4  # fast path: 4x4 spatial pooling of every frame for the queries (49 tokens from 27x27)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, *, mult: int = 4) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.LayerNorm(dim),
-            nn.Linear(dim, dim * mult, bias=False),
-            nn.GELU(),
-            nn.Linear(dim * mult, dim, bias=False),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class PerceiverAttention(nn.Module):
-    """Latents attend to concat(media, latents), Flamingo's perceiver-resampler attention."""
-
-    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64) -> None:
-        super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
-        self.norm_media = nn.LayerNorm(dim)
-        self.norm_latents = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        # media: (B, M, D) flattened frame features; latents: (B, Q, D) queries
-        media = self.norm_media(media)
-        latents = self.norm_latents(latents)
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat((media, latents), dim=1)).chunk(2, dim=-1)  # keys/values over M + Q
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))  # (B, heads, n, dh)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Q, dh)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class GatedPerceiverLayer(nn.Module):
@@ -104,7 +72,6 @@ class TimePerceiver(nn.Module):
         return latents  # (B, Q, D): as many tokens as queries
 
 
-@register("timeperceiver")
 class SlowFastTimePerceiver(Compressor):
     """Clapper's default: 196 keyframe tokens (slow) plus 49 TimePerceiver tokens (fast) per segment."""
 
@@ -137,15 +104,20 @@ class SlowFastTimePerceiver(Compressor):
         """(T, L, D) -> (Q, D): 4x4 spatial average pooling, then the mean over time."""
         return pool_grid(features, self.fast_side).mean(dim=0)
 
-    def forward(self, features: torch.Tensor) -> TokenBlock:
+    def forward(self, features: torch.Tensor, project: Project | None = None) -> TokenBlock:
         # features: (T, L, D) for one segment
         dtype = features.dtype
         features = self._input(features)
-        keyframe = pool_grid(features[0], self.slow_side)  # (196, D)
+        to_lm = project or identity
+        keyframe = keyframe_tokens(features[0], project, self.slow_side)  # (196, C)
+        slow = keyframe.shape[0]
         if features.shape[0] == 1:
-            return TokenBlock(keyframe.to(dtype), slow=keyframe.shape[0])
-        fast = self.perceiver(features[None], self.queries(features)[None])[0]  # (49, D)
-        return TokenBlock(torch.cat((keyframe, fast), dim=0).to(dtype), slow=keyframe.shape[0])
+            views = Views(count=slow, key=View(((0, slow),)), low=View(((0, slow),), pool=self.fast_side))
+            return TokenBlock(keyframe.to(dtype), slow=slow, views=views)
+        fast = to_lm(self.perceiver(features[None], self.queries(features)[None])[0])  # (49, C)
+        tokens = torch.cat((keyframe, fast.to(keyframe.dtype)), dim=0)  # (245, C)
+        views = Views(count=tokens.shape[0], key=View(((0, slow),)), low=View(((slow, tokens.shape[0]),)))
+        return TokenBlock(tokens.to(dtype), slow=slow, views=views)
 
     def config(self) -> dict:
         return {**super().config(), **self.options}

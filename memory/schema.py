@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vidmem.errors import MemoryStoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: segments.views (how each detail level shows the segment)
 BUSY_TIMEOUT_MS = 30_000  # writers from other processes wait this long for the write lock
 
 SCHEMA = """
@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS segments (
     jpeg_checksum INTEGER NOT NULL DEFAULT 0,
     record_bytes INTEGER NOT NULL,         -- padded size of the whole record
     caption TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    views TEXT                             -- JSON: the compressor's key and low views (compressors.base.Views)
 );
 CREATE INDEX IF NOT EXISTS segments_stream_start ON segments(stream_id, start);
 CREATE INDEX IF NOT EXISTS segments_stream_chunk ON segments(stream_id, chunk);
@@ -97,7 +98,17 @@ def connect(db: Path, *, readonly: bool) -> sqlite3.Connection:
             # FULL: a committed segment survives power loss too, not only a killed process.
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
+            migrate(conn)
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return conn
     except sqlite3.DatabaseError as exc:
         raise MemoryStoreError(f"cannot open the memory database {db}: {exc}.") from exc
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a memory written by an older vidmem up to SCHEMA_VERSION (columns are only ever added)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(segments)")}
+    if "views" not in columns:
+        conn.execute("ALTER TABLE segments ADD COLUMN views TEXT")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema' AND CAST(value AS INTEGER) < ?",
+                 (str(SCHEMA_VERSION), SCHEMA_VERSION))

@@ -40,12 +40,25 @@ CHUNKS_PER_LIMIT = 8  # a byte limit is split in this many chunks: the stream st
 UNIX_EPOCH_2001 = 1e9  # seconds; end times past this are unix times, so ages count from the wall clock
 CHANGES_KEPT = 5_000_000  # change-log rows kept; an index lagging further behind rebuilds from SQLite
 
-_SEGMENT_COLUMNS = "s.id, t.name, s.start, s.end, s.frames, s.cut, s.tokens, s.slow, s.caption"
+_SEGMENT_COLUMNS = "s.id, t.name, s.start, s.end, s.frames, s.cut, s.tokens, s.slow, s.caption, s.views"
 
 
 def _row(r: tuple) -> SegmentRow:
     return SegmentRow(id=r[0], stream=r[1], start=r[2], end=r[3], frames=r[4], cut=bool(r[5]), tokens=r[6],
-                      slow=r[7], caption=r[8])
+                      slow=r[7], caption=r[8], views=r[9])
+
+
+def _check_views(views: str | None, count: int) -> str | None:
+    """The views JSON of a segment of `count` tokens, checked to index inside it."""
+    if views is None:
+        return None
+    from vidmem.compressors.base import Views
+
+    try:
+        Views.from_json(views, count)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"segment views {views!r} do not describe {count} tokens: {exc}.") from exc
+    return views
 
 
 class Memory:
@@ -112,6 +125,10 @@ class Memory:
         if version is None or int(version[0]) > SCHEMA_VERSION:
             conn.close()
             raise MemoryStoreError(f"{db} was written by a newer or unknown vidmem (schema {version}); upgrade vidmem.")
+        if int(version[0]) < SCHEMA_VERSION and readonly:
+            conn.close()
+            raise MemoryStoreError(f"{db} was written by an older vidmem (schema {version[0]}); its tokens cannot be "
+                                   "shown to the model by this version: ingest the footage again into a new --memory.")
         if device == "auto":
             device = "cuda" if _faiss_gpus() else "cpu"
         options = index_options or IndexOptions()
@@ -202,11 +219,15 @@ class Memory:
     # -- adding ------------------------------------------------------------------------------------------
     def add_segment(self, *, stream: str, start: float, end: float, frames: int, cut: bool, tokens: np.ndarray,
                     slow: int, embedding: np.ndarray, keyframe_jpeg: bytes | None = None,
-                    caption: str | None = None) -> SegmentRow:
-        """Store one segment durably; it is visible to readers once this returns."""
+                    caption: str | None = None, views: str | None = None) -> SegmentRow:
+        """Store one segment durably; it is visible to readers once this returns.
+
+        views: the compressor's declaration of how the segment is shown at each detail level (JSON text, see
+        `vidmem.compressors.Views`); None for segments stored without one (the keyframe-first layout).
+        """
         return self.add_segments([dict(stream=stream, start=start, end=end, frames=frames, cut=cut, tokens=tokens,
                                        slow=slow, embedding=embedding, keyframe_jpeg=keyframe_jpeg,
-                                       caption=caption)])[0]
+                                       caption=caption, views=views)])[0]
 
     def add_segments(self, items: Sequence[dict]) -> list[SegmentRow]:
         """Store several segments in one transaction (one fsync per touched chunk): all or none."""
@@ -238,18 +259,19 @@ class Memory:
             for rec in records:
                 cur = conn.execute(
                     "INSERT INTO segments (stream_id, start, end, frames, cut, tokens, slow, dim, dtype, chunk, offset,"
-                    " nbytes, checksum, jpeg_bytes, jpeg_checksum, record_bytes, caption, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " nbytes, checksum, jpeg_bytes, jpeg_checksum, record_bytes, caption, created, views)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (rec["stream_id"], rec["start"], rec["end"], rec["frames"], rec["cut"], rec["n"], rec["slow"],
                      rec["d"], self.token_dtype, rec["chunk"], rec["offset"], rec["nbytes"], rec["checksum"],
-                     rec["jpeg_bytes"], rec["jpeg_checksum"], rec["record_bytes"], rec["caption"], now))
+                     rec["jpeg_bytes"], rec["jpeg_checksum"], rec["record_bytes"], rec["caption"], now,
+                     rec["views"]))
                 seg_id = cur.lastrowid
                 self._add_vector(conn, seg_id, "image", rec["embedding"])
                 conn.execute("UPDATE streams SET bytes = bytes + ?, max_span = MAX(max_span, ?) WHERE id = ?",
                              (rec["record_bytes"], rec["end"] - rec["start"], rec["stream_id"]))
                 rows.append(SegmentRow(id=seg_id, stream=rec["stream"], start=rec["start"], end=rec["end"],
                                        frames=rec["frames"], cut=bool(rec["cut"]), tokens=rec["n"], slow=rec["slow"],
-                                       caption=rec["caption"]))
+                                       caption=rec["caption"], views=rec["views"]))
             for name, (sid, chunk, chunk_end, _) in streams.items():
                 conn.execute("UPDATE streams SET chunk = ?, chunk_end = ? WHERE id = ?", (chunk, chunk_end, sid))
         for name in incoming:
@@ -283,6 +305,7 @@ class Memory:
         payload += b"\0" * (record_bytes - len(payload))
         return dict(stream=name, start=start, end=end, frames=int(item["frames"]), cut=int(bool(item["cut"])),
                     n=n, d=d, slow=slow, embedding=embedding, caption=item.get("caption"), payload=payload,
+                    views=_check_views(item.get("views"), n),
                     nbytes=len(data), checksum=tok.checksum(data), jpeg_bytes=len(jpeg),
                     jpeg_checksum=tok.checksum(jpeg) if jpeg else 0, record_bytes=record_bytes)
 

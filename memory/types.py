@@ -30,6 +30,7 @@ class Manifest:
     dim: int  # token width D
     embedder: str  # retrieval embedder name
     embed_dim: int  # retrieval embedding width E
+    space: str = "language"  # tokens are language-model input embeddings ("language"); vidmem 0.1 stored "vision"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,10 +44,16 @@ class Manifest:
             dim=int(data["dim"]),
             embedder=str(data["embedder"]),
             embed_dim=int(data["embed_dim"]),
+            space=str(data.get("space", "vision")),  # manifests without the field are vidmem 0.1's
         )
 
     def check_compatible(self, other: Manifest, where: str) -> None:
         """Raise EncoderMismatchError naming both sides when `other` made tokens this memory cannot mix with."""
+        if self.space != other.space:
+            raise EncoderMismatchError(
+                f"the memory at {where} holds tokens in the {self.space} space (written by vidmem 0.1), which this "
+                f"version cannot show to the model; ingest the footage again into a new --memory directory."
+            )
         if self.encoder != other.encoder:
             raise EncoderMismatchError(
                 f"the memory at {where} holds tokens from vision encoder {self.encoder_name or '?'} "
@@ -76,6 +83,7 @@ class SegmentRow:
     tokens: int  # token count N
     slow: int  # how many of the N are keyframe (slow) tokens, stored first
     caption: str | None  # optional caption text
+    views: str | None = None  # JSON: how each detail level shows the segment (compressors.Views); None: keyframe first
 
 
 @dataclass(frozen=True)

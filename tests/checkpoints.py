@@ -41,7 +41,10 @@ Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday; seconds, minutes
 Yes, no, maybe, first, last, before, after, during, while, until, since, again, never, always, often, sometimes.
 """
 
-# Qwen2's chat template as shipped in llava-hf/llava-onevision-qwen2-*-ov-hf's tokenizer_config.json.
+# The processor chat template the llava-hf conversion writes (../shared/reference/llava-onevision-chat_template.jinja,
+# tests/test_vlm_template.py checks the copy): list-of-parts content, images and video before the text.
+LLAVA_CHAT_TEMPLATE = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+# Qwen2-Instruct's string-content template, as a tokenizer_config.json may carry it.
 QWEN2_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
@@ -88,8 +91,18 @@ def _bpe_tokenizer(specials: list[str], *, vocab_size: int):
     return tok
 
 
-def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32) -> Path:
-    """Writes a tiny LLaVA-OneVision checkpoint into `directory` and returns it."""
+TEMPLATE_FORMS = ("json", "jinja", "tokenizer", "json+tokenizer", "none")  # where a checkpoint carries its template
+
+
+def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32, template: str = "json") -> Path:
+    """Writes a tiny LLaVA-OneVision checkpoint into `directory` and returns it.
+
+    template: where the chat template lives, as real checkpoints carry it: "json" (the processor's list-content
+    template in chat_template.json, as the llava-hf conversion writes it), "jinja" (the same in chat_template.jinja),
+    "tokenizer" (Qwen2's string template in tokenizer_config.json), "json+tokenizer" (both) or "none".
+    """
+    if template not in TEMPLATE_FORMS:
+        raise ValueError(f"template must be one of {TEMPLATE_FORMS}")
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -108,7 +121,6 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32)
         model_max_length=8192,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_SPECIALS}
 
     vision = SiglipVisionConfig(
@@ -143,22 +155,21 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32)
     )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # the real checkpoints' generation config names the stops and nothing else (greedy, no penalties)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    # Random weights fall into repeating one token, often a newline. These generation_config settings, which
-    # vidmem's decoder honours like any checkpoint's, make them write at least a few visible tokens, so tests can
-    # check that answers are non-empty and stream: no whitespace-only tokens, no immediate stop, no loops.
-    model.generation_config.suppress_tokens = [
-        i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip() and i not in ids.values()
-    ]
-    model.generation_config.min_new_tokens = 4
-    model.generation_config.repetition_penalty = 1.3
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     # name the class the real checkpoint names, so AutoTokenizer takes the same route (it reads tokenizer.json)
     tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
     tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
+    if "tokenizer" in template:
+        tokenizer_config["chat_template"] = QWEN2_CHAT_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    if template.startswith("json"):
+        (directory / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_CHAT_TEMPLATE}, indent=2))
+    if template == "jinja":
+        (directory / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
     (directory / "preprocessor_config.json").write_text(json.dumps(LLAVA_PREPROCESSOR, indent=2))
     return directory
 

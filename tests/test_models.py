@@ -51,46 +51,9 @@ def test_project_maps_vision_tokens_to_language_model_width(vlm: VLM) -> None:
     embedded = vlm.project(tokens)
     assert embedded.shape == (729, vlm.hidden_size) == (729, 64)
     assert embedded.dtype == vlm.dtype and torch.isfinite(embedded).all()
-    assert vlm.image_newline is not None and vlm.image_newline.shape == (64,)
+    assert vlm.image_newline.shape == (64,)
     ids = torch.tensor([1, 2, 3])
     assert vlm.embed_ids(ids).shape == (3, 64)
-
-
-def test_chat_prompt_wraps_visual_block_in_the_checkpoint_template(vlm: VLM) -> None:
-    before, after = vlm.chat_prompt("You watch a camera.", "What happened at the door?")
-    assert before == "<|im_start|>system\nYou watch a camera.<|im_end|>\n<|im_start|>user\n"
-    assert after == "\nWhat happened at the door?<|im_end|>\n<|im_start|>assistant\n"
-    rendered = vlm.tokenizer.apply_chat_template(
-        [
-            {"role": "system", "content": "You watch a camera."},
-            {"role": "user", "content": "<image>\nWhat happened at the door?"},
-        ],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    assert before + "<image>" + after == rendered
-    before_ids, after_ids = vlm.chat_ids("You watch a camera.", "What happened at the door?")
-    assert vlm.tokenizer.decode(before_ids) + vlm.tokenizer.decode(after_ids) == before + after
-    im_end = vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert im_end in vlm.stop_ids
-
-
-def test_answer_generates_from_text_and_projected_visual_embeddings(vlm: VLM) -> None:
-    """The path the answerer takes: embed(before) + project(tokens) + embed(after) -> generate."""
-    before, after = vlm.chat_ids("You watch a camera.", "What is in the frame?")
-    visual = vlm.project(vlm.encoder(_frames(2)).flatten(0, 1))  # (2 * 729, 64)
-    embeds = torch.cat([vlm.embed_ids(before), visual, vlm.embed_ids(after)])[None]  # (1, T, 64)
-    with torch.inference_mode():
-        out = vlm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            max_new_tokens=4,
-            do_sample=False,
-            repetition_penalty=1.0,
-            pad_token_id=vlm.tokenizer.pad_token_id,
-        )
-    assert 1 <= out.shape[1] <= 4
-    assert isinstance(vlm.tokenizer.decode(out[0], skip_special_tokens=True), str)
 
 
 def test_checkpoints_are_deterministic_and_other_encoder_differs(tiny_models, tmp_path: Path, vlm: VLM) -> None:
