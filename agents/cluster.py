@@ -204,7 +204,8 @@ class _RemoteSink:
             return 0
         self.last_row = self.app.memory.add_segment(
             stream=self.stream, start=segment.start, end=segment.end, frames=len(segment), cut=segment.cut,
-            tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg)
+            tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg,
+            views=encoded.views)
         if self.on_segment is not None:
             self.on_segment(self.last_row, segment)
         return self.last_row.tokens
@@ -326,6 +327,10 @@ class AnswerService:
         self.app.answerer  # noqa: B018 - load the language model before the first question
         self.conversation: str | None = None  # whose evidence the kept KV cache holds
 
+    def ready(self) -> str:
+        """Returns once the models are loaded (the node's id)."""
+        return _node_id()
+
     def answer(self, question: str, conversation: str | None, kwargs: dict):
         """The `Answer` (agents/answer.py) to a question, as `Vidmem.ask` gives it."""
         # A follow-up reuses the kept cache only when it holds this conversation's evidence.
@@ -352,6 +357,10 @@ class Answerers:
         self.replicas = [remote(name=f"vidmem-answer-{key}-{i}", get_if_exists=True, lifetime="detached",
                                 max_restarts=-1, max_task_retries=-1, num_cpus=1, num_gpus=options.gpus_per_answerer)
                          .remote(settings) for i in range(options.answerers)]
+
+    def wait_ready(self) -> None:
+        """Block until every replica has loaded its models."""
+        _ray().get([replica.ready.remote() for replica in self.replicas])
 
     def replica(self, conversation: str | None):
         return self.replicas[zlib.crc32((conversation or "").encode()) % len(self.replicas)]

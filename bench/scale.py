@@ -5,7 +5,7 @@
 Runs here, on one machine: PostgreSQL (Debian's binaries) and Milvus Lite on loopback ports, a local Ray instance,
 `--streams` copies of a test video ingested as source actors (unpaced) into a fresh shared memory per run, with
 1, 2 and 4 encoder actors ("ingest workers"). While each run ingests, a driver thread asks a question through an
-answer replica about once a second. Prints one JSON line:
+answer replica, one after another (a quarter second apart). Prints one JSON line:
 - runs: per worker count, segments/second (all streams, from the first source starting to the last finishing,
   encoders already loaded) and question latency (median and max) measured during the ingest;
 - per_segment: measured means (tokens, keyframe JPEG bytes, token-file bytes, PostgreSQL bytes, Milvus bytes);
@@ -80,6 +80,7 @@ def main() -> None:
             encoders = cluster.encoder_pool(settings, options)
             ray.get([e.manifest.remote() for e in encoders])  # models loaded before the clock starts
             answerers = cluster.Answerers(settings, options)
+            answerers.wait_ready()  # the replica's model loaded before the clock starts too
             sources = {f"cam{i}": video for i in range(args.streams)}
             actors = cluster.start_sources(settings, sources, ingest_options=IngestOptions(fps=args.fps),
                                            options=options, encoders=encoders)
@@ -95,7 +96,7 @@ def main() -> None:
                         latencies.append(time.perf_counter() - started)
                     except Exception as exc:  # noqa: BLE001 - nothing stored yet: try again
                         log(f"question before any segment: {exc}")
-                    done.wait(1.0)
+                    done.wait(0.25)
 
             asker = threading.Thread(target=ask_while_ingesting)
             started = time.perf_counter()

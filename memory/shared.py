@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +39,12 @@ from vidmem.memory.types import Manifest, Retention, SegmentRow, StreamInfo, che
 log = logging.getLogger(__name__)
 
 MARKER = ".vidmem-memory"  # in the token directory: the instance id of the memory it belongs to
-_HAS_VIEWS = "views" in {f.name for f in fields(SegmentRow)}
 _SEGMENT_COLUMNS = "s.id, t.name, s.t_start, s.t_end, s.frames, s.cut, s.tokens, s.slow, s.caption, s.views"
 
 
 def _row(r: tuple) -> SegmentRow:
-    extra = {"views": json.loads(r[9]) if r[9] else None} if _HAS_VIEWS else {}
     return SegmentRow(id=r[0], stream=r[1], start=r[2], end=r[3], frames=r[4], cut=bool(r[5]), tokens=r[6],
-                      slow=r[7], caption=r[8], **extra)
+                      slow=r[7], caption=r[8], views=r[9])
 
 
 class SharedMemory:
@@ -204,11 +201,11 @@ class SharedMemory:
     # -- adding ------------------------------------------------------------------------------------------
     def add_segment(self, *, stream: str, start: float, end: float, frames: int, cut: bool, tokens: np.ndarray,
                     slow: int, embedding: np.ndarray, keyframe_jpeg: bytes | None = None,
-                    caption: str | None = None, **extra: object) -> SegmentRow:
+                    caption: str | None = None, views: str | None = None) -> SegmentRow:
         """Store one segment durably; it is visible to readers on every node once this returns."""
         return self.add_segments([dict(stream=stream, start=start, end=end, frames=frames, cut=cut, tokens=tokens,
                                        slow=slow, embedding=embedding, keyframe_jpeg=keyframe_jpeg,
-                                       caption=caption, **extra)])[0]
+                                       caption=caption, views=views)])[0]
 
     def add_segments(self, items: Sequence[dict]) -> list[SegmentRow]:
         """Store several segments in one transaction (one fsync per touched chunk): all or none."""
@@ -216,9 +213,6 @@ class SharedMemory:
         if self.manifest is None:
             raise MemoryStoreError("bind a manifest (vision encoder, compressor, embedder) before adding segments.")
         records = [self._prepare(item) for item in items]
-        for rec, item in zip(records, items):
-            views = rec.get("views", item.get("views"))
-            rec["views"] = views if views is None or isinstance(views, str) else json.dumps(views)
         incoming: dict[str, int] = {}
         for rec in records:
             incoming[rec["stream"]] = incoming.get(rec["stream"], 0) + rec["record_bytes"]
@@ -252,10 +246,9 @@ class SharedMemory:
                                           "RETURNING vid", (seg_id, rec["embedding"].tobytes())).fetchone()[0]
                 conn.execute("UPDATE streams SET bytes = bytes + %s, max_span = GREATEST(max_span, %s) WHERE id = %s",
                              (rec["record_bytes"], rec["end"] - rec["start"], rec["stream_id"]))
-                extra = {"views": json.loads(rec["views"]) if rec["views"] else None} if _HAS_VIEWS else {}
                 rows.append(SegmentRow(id=seg_id, stream=rec["stream"], start=rec["start"], end=rec["end"],
                                        frames=rec["frames"], cut=bool(rec["cut"]), tokens=rec["n"], slow=rec["slow"],
-                                       caption=rec["caption"], **extra))
+                                       caption=rec["caption"], views=rec["views"]))
             for sid, chunk, chunk_end, _ in streams.values():
                 conn.execute("UPDATE streams SET chunk = %s, chunk_end = %s WHERE id = %s", (chunk, chunk_end, sid))
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
@@ -753,7 +746,7 @@ def _copy_batch(src: Memory, dst: SharedMemory, vectors, batch: list[SegmentRow]
         items.append(dict(stream=row.stream, start=row.start, end=row.end, frames=row.frames, cut=row.cut,
                           tokens=src.read_tokens(row), slow=row.slow, keyframe_jpeg=src.keyframe_jpeg(row),
                           embedding=np.frombuffer(stored[row.id, "image"], dtype=np.float32), caption=row.caption,
-                          views=getattr(row, "views", None)))
+                          views=row.views))
     copied: list[SegmentRow] = []
     # Each segment keeps the dtype it was stored with (a memory may hold fp16 and int8 records).
     for dtype in sorted(set(dtypes.values())):
@@ -775,8 +768,9 @@ def _verify_copy(src: Memory, dst: SharedMemory, pairs: list[tuple[SegmentRow, S
     for old, new in pairs:
         again = dst.get_segment(new.id)
         same = again is not None and (again.stream, again.start, again.end, again.frames, again.cut, again.tokens,
-                                      again.slow, again.caption) == (old.stream, old.start, old.end, old.frames,
-                                                                     old.cut, old.tokens, old.slow, old.caption)
+                                      again.slow, again.caption, again.views) == (old.stream, old.start, old.end,
+                                                                                   old.frames, old.cut, old.tokens,
+                                                                                   old.slow, old.caption, old.views)
         same = same and np.array_equal(dst.read_tokens(new), src.read_tokens(old)) \
             and dst.keyframe_jpeg(new) == src.keyframe_jpeg(old)
         if not same:
