@@ -293,10 +293,11 @@ def start_sources(settings, sources: dict[str, str], *, ingest_options=None, opt
     check_settings(settings)
     encoders = encoders or encoder_pool(settings, options)
     remote = ray.remote(SourceWorker).options
+    # Round-robin over the encoders: each gets an even share of the streams (a hash of the names need not).
     return {stream: remote(max_restarts=-1, max_task_retries=-1, num_cpus=options.cpus_per_source,
                            scheduling_strategy="SPREAD").remote(
-                settings, stream, url, ingest_options, encoders[zlib.crc32(stream.encode()) % len(encoders)], options.replay_speed)
-            for stream, url in sources.items()}
+                settings, stream, url, ingest_options, encoders[i % len(encoders)], options.replay_speed)
+            for i, (stream, url) in enumerate(sources.items())}
 
 
 def ingest(settings, sources: dict[str, str], *, address: str, ingest_options=None,
@@ -340,6 +341,10 @@ class AnswerService:
         self.conversation = conversation
         answer.follow_up = follow_up
         return answer
+
+    def refresh_live(self, stream: str) -> None:
+        """Bring this replica's kept window of a live stream up to date (the front-end calls it per segment)."""
+        self.app.refresh_live(stream)
 
     def ask(self, question: str, conversation: str | None, kwargs: dict) -> dict:
         answer = self.answer(question, conversation, kwargs)
@@ -434,6 +439,10 @@ def _cluster_app_class():
             sink = _RemoteSink(self, stream, encoder, None, on_segment=on_segment)
             return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
                                 stop=stop)
+
+        def refresh_live(self, stream: str) -> None:
+            """The live window is kept on the replica that answers the stream's questions."""
+            _ray().get(self.answerers.replica(stream).refresh_live.remote(stream))
 
         def ask(self, question: str, *, streams=None, on_token=None, live: bool = False, **kwargs):
             conversation = streams[0] if live and streams and len(streams) == 1 else None
