@@ -10,8 +10,9 @@ answer replica, one after another (a quarter second apart). Prints one JSON line
   encoders already loaded) and question latency (median and max) measured during the ingest;
 - per_segment: measured means (tokens, keyframe JPEG bytes, token-file bytes, PostgreSQL bytes, Milvus bytes);
 - sizing: for 100 and 1,000 cameras at 1 sampled frame per second, the devices (encoder workers at the measured
-  1-worker rate), token-file disk per day and index size per day. Token bytes are projected to the answering
-  model's width (`--token-width`, 896 = LLaVA-OneVision-0.5B's hidden size) from the measured token counts.
+  1-worker rate), token-file disk per day, and Milvus and PostgreSQL growth per day. Token bytes are projected to
+  the answering model's width (`--token-width`, 896 = LLaVA-OneVision-0.5B's hidden size) and vectors to CLIP's
+  512 (`--embed-width`) from the measured counts.
 Without --model the tests' tiny random checkpoints are used: the figures then measure vidmem, Ray, PostgreSQL and
 Milvus overhead, not a vision tower; the JSON names the model and the runtime of every figure.
 """
@@ -32,6 +33,7 @@ from common import TESTDATA, TESTS, emit, logger, machine_info, tiny_checkpoints
 log = logger("scale")
 SEGMENTS_PER_FRAME = None  # measured: segments stored per sampled frame (segmenting and the static check)
 CAMERAS = (100, 1000)
+BTREE_ENTRY_BYTES = 24  # an 8-byte key b-tree entry: 8 key + 8 item header + 4 line pointer, aligned (PostgreSQL docs)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--video", default="mmaction2/demo.mp4", help="test video under ../shared/testdata")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--token-width", type=int, default=896, help="answering model's hidden size for sizing")
+    parser.add_argument("--embed-width", type=int, default=512, help="retrieval embedding width for sizing (CLIP)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(TESTS))
@@ -121,7 +124,13 @@ def main() -> None:
                     jpeg = statistics.mean(len(memory.keyframe_jpeg(r) or b"") for r in rows)
                     manifest = memory.manifest
                 with psycopg.connect(url.split("?")[0]) as conn:
-                    pg_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+                    # Tuple bytes per segment (its row, vector and change-log rows) plus a b-tree entry per index:
+                    # a small database's page overhead (8 KiB pages) would swamp a per-segment figure.
+                    pg_bytes = sum(conn.execute(f"SELECT COALESCE(SUM(pg_column_size(t.*)), 0) FROM {table} t")
+                                   .fetchone()[0] for table in ("segments", "vectors", "changes"))
+                    indexes = conn.execute("SELECT COUNT(*) FROM pg_indexes WHERE tablename IN "
+                                           "('segments', 'vectors', 'changes')").fetchone()[0]
+                    pg_bytes += indexes * len(rows) * BTREE_ENTRY_BYTES
                 per_segment = {"tokens": round(statistics.mean(r.tokens for r in rows), 1),
                                "keyframe_jpeg_bytes": round(jpeg),
                                "token_file_bytes_measured": round(stats["bytes"] / len(rows)),
@@ -141,9 +150,15 @@ def main() -> None:
         milvus.stop()
         pg.stop()
 
-    # Sizing: 1 sampled frame per second per camera, segments per frame as measured here.
+    # Sizing: 1 sampled frame per second per camera, segments per frame as measured here. Token bytes and Milvus
+    # bytes are projected from the measured counts to the real widths (fp16 tokens at --token-width, float32
+    # vectors at --embed-width); the measured overhead per Milvus vector is kept.
     seg_per_cam_s = per_segment["segments_per_sampled_frame"] * 1.0
     token_bytes = per_segment["tokens"] * args.token_width * 2 + per_segment["keyframe_jpeg_bytes"]
+    milvus_vector = per_segment["milvus_bytes"] + 4 * (args.embed_width - per_segment["embed_dim"])
+    per_segment["projected"] = {"token_file_bytes": round(token_bytes), "milvus_bytes": milvus_vector,
+                                "postgresql_bytes": per_segment["postgresql_bytes"] + 4 * (args.embed_width -
+                                                                                           per_segment["embed_dim"])}
     rate_one = runs[workers[0]]["segments_per_second"] / workers[0]
     sizing = []
     for cams in CAMERAS:
@@ -151,11 +166,13 @@ def main() -> None:
         sizing.append({"cameras": cams, "segments_per_second": round(cams * seg_per_cam_s, 1),
                        "encoder_workers": int(-(-cams * seg_per_cam_s // rate_one)),
                        "token_disk_gb_per_day": round(per_day * token_bytes / 1e9, 1),
-                       "index_gb_per_day": round(per_day * (per_segment["milvus_bytes"] + per_segment["postgresql_bytes"]) / 1e9, 2),
+                       "milvus_gb_per_day": round(per_day * milvus_vector / 1e9, 2),
+                       "postgresql_gb_per_day": round(per_day * per_segment["projected"]["postgresql_bytes"] / 1e9, 2),
                        "index_vectors_per_day": int(per_day)})
     emit({"bench": "scale", "model": model_name, "runtime": "Ray local instance, CPU encoders (torch), PostgreSQL "
           "15 + Milvus Lite on loopback", "video": args.video, "streams": args.streams, "fps": args.fps,
-          "runs": runs, "per_segment": per_segment, "token_width_for_sizing": args.token_width, "sizing": sizing,
+          "runs": runs, "per_segment": per_segment, "token_width_for_sizing": args.token_width, "embed_width_for_sizing": args.embed_width,
+          "sizing": sizing,
           "machine": machine_info()})
 
 

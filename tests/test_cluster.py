@@ -78,3 +78,13 @@ def test_the_front_ends_app_encodes_and_answers_on_the_cluster(scenario) -> None
     assert front["spans"] == scenario["reference"] and front["segments"] == len(scenario["reference"])
     for answer in front["answers"]:
         assert answer["answer"] and answer["streams"] == ["front"]
+
+
+def test_ray_without_a_shared_memory_is_refused_in_one_line(tmp_path, videos) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO.parent)]))}
+    result = subprocess.run([sys.executable, "-m", "vidmem", "ingest", str(videos["demo.mp4"]["file"]), "--ray",
+                             "127.0.0.1:6379", "--memory", str(tmp_path / "memory")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("vidmem: error: --ray needs a shared memory") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "memory").exists()
