@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import TESTDATA, TESTS, emit, logger, machine_info, tiny_checkpoints  # noqa: E402
 
 log = logger("scale")
-SEGMENTS_PER_FRAME = None  # measured: segments stored per sampled frame (segmenting and the static check)
 CAMERAS = (100, 1000)
 BTREE_ENTRY_BYTES = 24  # an 8-byte key b-tree entry: 8 key + 8 item header + 4 line pointer, aligned (PostgreSQL docs)
 

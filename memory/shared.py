@@ -747,7 +747,7 @@ def _copy_batch(src: Memory, dst: SharedMemory, vectors, batch: list[SegmentRow]
                           tokens=src.read_tokens(row), slow=row.slow, keyframe_jpeg=src.keyframe_jpeg(row),
                           embedding=np.frombuffer(stored[row.id, "image"], dtype=np.float32), caption=row.caption,
                           views=row.views))
-    copied: list[SegmentRow] = []
+    copied: list[tuple[int, SegmentRow]] = []  # (index in batch, the copy)
     # Each segment keeps the dtype it was stored with (a memory may hold fp16 and int8 records).
     for dtype in sorted(set(dtypes.values())):
         dst.token_dtype = dtype
