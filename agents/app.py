@@ -184,9 +184,11 @@ class Vidmem:
         encoder = self.encoder
         weights = self.settings.compressor_weights
         if weights is not None:
-            from vidmem.compressors.train import load_compressor
+            from vidmem.compressors.checkpoint import load_compressor
 
-            compressor, projector = load_compressor(weights, encoder_fingerprint=encoder.fingerprint, dim=encoder.dim)
+            # a checkpoint trained with --train-llm is refused unless its language model (--model DIR) is loaded
+            compressor, projector = load_compressor(weights, encoder_fingerprint=encoder.fingerprint, dim=encoder.dim,
+                                                    language_model=self.vlm.language_model)
             if projector:
                 self.vlm.projector.load_state_dict(projector)
         else:

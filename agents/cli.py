@@ -359,7 +359,6 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vidmem.agents.models import load_vlm
     from vidmem.compressors.checkpoint import load_state
     from vidmem.compressors.train import TrainOptions, load_examples, train
 
@@ -375,6 +374,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     load_examples(options)  # bad flags, data and checkpoints fail before a model loads
     state = load_state(args.resume) if args.resume is not None else None
     model = args.model or (state.model_dir if state is not None else None)  # --train-llm resumes its saved model
+    from vidmem.agents.models import load_vlm
+
     report = train(options, vlm=load_vlm(model, device=args.device))
     payload = report.to_json()
     val = "" if report.val_loss is None else f", validation loss {report.val_loss:.4f}"
