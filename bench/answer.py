@@ -82,8 +82,9 @@ def build_app(args: argparse.Namespace, work: Path) -> Vidmem:
         app._vlm = full_size_vlm(device=args.device, vision_layers=1, text_layers=args.layers)  # in memory, not saved
         apply_runtime(app._vlm, args.runtime)  # what Vidmem.vlm does after load_vlm
     vlm, embedder = app.vlm, app.embedder
-    app.memory.bind(Manifest(encoder=vlm.encoder.fingerprint, encoder_name=vlm.name, compressor="timeperceiver",
-                             dim=vlm.encoder.dim, embedder=embedder.name, embed_dim=embedder.dim))
+    # stored tokens live in the language model's input space (agents/vlm.py), as Vidmem.manifest records them
+    app.memory.bind(Manifest(encoder=vlm.fingerprint, encoder_name=vlm.name, compressor="timeperceiver",
+                             dim=vlm.hidden_size, embedder=embedder.name, embed_dim=embedder.dim))
     return app
 
 
@@ -359,7 +360,7 @@ def run(args: argparse.Namespace) -> dict:
             vlm = app.vlm
             answerer = app.answerer
             answerer.max_new_tokens = 1  # an ask returns right after its first token: its wall time is the TTFT
-            pool = token_pool(vlm.encoder.dim, rng)
+            pool = token_pool(vlm.hidden_size, rng)  # (245, H) blocks: tokens are stored projected
             lengths = {"ten_minutes": 600.0, "one_hour": 3600.0} if not args.quick else {"ten_minutes": 600.0}
             if args.quick:
                 lengths = {"short": 80.0, "long": 240.0}

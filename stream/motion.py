@@ -8,9 +8,8 @@ keeps recent evidence), or at a shot cut, a gap, or the first frame. Comparing a
 (not the previous one) means slow drift adds up and is eventually sampled.
 
 Blocks rather than the whole picture: a person crossing a corner of a wide shot changes a few blocks a lot and
-the frame's mean hardly at all. The whole-picture static check in `segmenter.py` would fold such a segment into
-its still predecessor, so the ingest loop marks a segment holding a frame kept for motion
-(`segment.extra["motion"]`) and the static check then stores it.
+the frame's mean hardly at all. The ingest loop marks a segment holding a frame kept for motion
+(`segment.extra["motion"]`), and the whole-picture static check in `segmenter.py` then always stores it.
 """
 from __future__ import annotations
 
