@@ -29,13 +29,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from vidmem.compressors import Compressor, build_compressor
-from vidmem.compressors.checkpoint import (  # noqa: F401 - load_compressor and friends are imported from here too
+from vidmem.compressors.checkpoint import (
     RunIdentity,
     TrainState,
     load_compressor,
@@ -54,7 +54,7 @@ from vidmem.compressors.dataset import (
     default_cache_dir,
     in_window,
     read_examples,
-    sampled_frames as decode_frames,  # noqa: F401 - tests and benches read clips' frames from here
+    sampled_frames as decode_frames,
     split_validation,
     thin,
 )
@@ -62,6 +62,10 @@ from vidmem.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+__all__ = [  # checkpoint I/O and clip reading live in checkpoint.py and dataset.py; older imports find them here
+    "OBJECTIVES", "TrainOptions", "TrainReport", "answer_loss", "decode_frames", "load_compressor", "load_examples",
+    "read_checkpoint_config", "save_checkpoint", "train",
+]
 OBJECTIVES = ("caption", "qa", "reconstruction")
 _ALIASES = {"reconstruct": "reconstruction", "svc": "reconstruction", "stage1": "caption"}
 
@@ -311,6 +315,21 @@ class Trainer:
         return answer_loss(self.vlm, self.compressor, list(item.segments), item.question, item.target,
                            device=self.device)
 
+    def step(self, micro_batches: list[list[Item]], lr: float) -> float:
+        """One optimiser step over `grad_accum` micro-batches at learning rate `lr`; returns its mean loss."""
+        for group in self.optimiser.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for picked in micro_batches:
+            with self.autocast:
+                loss = torch.stack([self.loss(item) for item in picked]).mean() / len(micro_batches)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimiser.step()
+        self.optimiser.zero_grad(set_to_none=True)
+        return total
+
     def set_mode(self, training: bool) -> None:
         """Dropout on the trained modules only; frozen ones stay in eval mode."""
         for module in self.modules:
@@ -377,21 +396,16 @@ def train(options: TrainOptions, *, vlm: Any) -> TrainReport:
     train_examples, val_examples = load_examples(options)
     trainer = Trainer(options, vlm)
 
+    state = trainer.state
+    start = state.step if state is not None else 0
+    if start >= options.steps:
+        raise ConfigError(f"the run in {options.resume} already took {start} steps; ask for more than that with --steps")
+    history: dict = state.history if state is not None else {"losses": [], "epochs": []}
     cache = FeatureCache(options.cache_dir or default_cache_dir(), vlm.encoder, fps=options.fps,
                          progress=options.progress)
     cache.prepare([e.video for e in train_examples + val_examples])
     train_items = items_of(train_examples, cache, options)
     val_items = items_of(val_examples, cache, options)
-
-    state = trainer.state
-    history: dict = state.history if state is not None else {"losses": [], "epochs": []}
-    start = state.step if state is not None else 0
-    if state is not None:
-        torch.set_rng_state(state.rng)
-        if state.cuda_rng is not None and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(state.cuda_rng)
-    if start >= options.steps:
-        raise ConfigError(f"the run in {options.resume} already took {start} steps; ask for more than that with --steps")
     per_step = options.batch_size * options.grad_accum
     log.info(
         "training %s (%s) on %d examples (%d items, %d for validation), steps %d..%d, %d trainable parameters, %s%s",
@@ -403,34 +417,27 @@ def train(options: TrainOptions, *, vlm: Any) -> TrainReport:
         """Validation after an epoch (or at the end): appended to the history that the report and state carry."""
         epoch = step * per_step / len(train_items)
         val = trainer.evaluate(val_items) if val_items else None
-        steps_in_epoch = max(1, math.ceil(len(train_items) / per_step))
-        recent = history["losses"][-steps_in_epoch:]
+        recent = history["losses"][-max(1, math.ceil(len(train_items) / per_step)) :]  # this epoch's steps
         entry = {"epoch": round(epoch, 3), "step": step, "train_loss": sum(recent) / len(recent), "val_loss": val}
         history["epochs"].append(entry)
         log.info("epoch %.2f (step %d): train loss %.4f%s", epoch, step, entry["train_loss"],
                  "" if val is None else f", validation loss {val:.4f}")
 
+    if state is not None:  # the random state the interrupted run would have had at this step (dropout)
+        torch.set_rng_state(state.rng)
+        if state.cuda_rng is not None and trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(state.cuda_rng)
     order = batches(len(train_items), options.batch_size, seed=options.seed, start=start * per_step)
     segments_seen = 0
     completed = start  # optimiser steps whose update is in the weights
     bar = _bar(options, trainer.compressor.name, start)
     try:
         for step in range(start, options.steps):
-            for group in trainer.optimiser.param_groups:
-                group["lr"] = options.lr * _schedule(step, options)
-            total = 0.0
-            for _ in range(options.grad_accum):
-                picked = [train_items[i] for i in next(order)]
-                with trainer.autocast:
-                    loss = torch.stack([trainer.loss(item) for item in picked]).mean() / options.grad_accum
-                loss.backward()
-                total += float(loss.detach())
-                segments_seen += sum(len(item.segments) for item in picked)
-            torch.nn.utils.clip_grad_norm_(trainer.trainable, 1.0)
-            trainer.optimiser.step()
+            micro_batches = [[train_items[i] for i in next(order)] for _ in range(options.grad_accum)]
+            total = trainer.step(micro_batches, options.lr * _schedule(step, options))
             completed = step + 1
             history["losses"].append(total)
-            trainer.optimiser.zero_grad(set_to_none=True)
+            segments_seen += sum(len(item.segments) for batch in micro_batches for item in batch)
             if completed * per_step // len(train_items) > step * per_step // len(train_items) or completed == options.steps:
                 epoch_end(completed)
             if bar is not None:

@@ -300,3 +300,19 @@ def test_the_validation_split_holds_out_whole_videos(tmp_path, videos):
     assert len(split_validation(examples, 0.01, seed=0)[1]) == 3  # at least one video
     with pytest.raises(ConfigError, match="at least two videos"):
         split_validation(examples[:3], 0.5, seed=0)
+
+
+def test_evidence_is_the_window_asked_for_thinned_to_whole_segments_evenly_spread(tmp_path):
+    from vidmem.compressors.dataset import CachedSegment, batches, in_window, thin
+
+    segments = [CachedSegment(4.0 * i, 4.0 * (i + 1), 4, 4, False, tmp_path / f"{i}.safetensors") for i in range(30)]
+    assert in_window(segments, 10.0, 17.0) == segments[2:5]  # overlapping [10, 17]: 8-12, 12-16, 16-20
+    assert in_window(segments, None, None) == segments
+    shown = thin(segments, 24)  # 120 frames in all, at most 24 shown: 6 whole segments across the video
+    assert len(shown) == 6 and shown[0] is segments[0] and shown[-1].start >= 80.0
+    assert [s.start for s in shown] == sorted(s.start for s in shown)
+    assert thin(segments, 2) == [segments[0]]  # never less than one segment
+    # the batch order of a run resumed at any position is the order an unbroken run draws
+    whole = [b for _, b in zip(range(12), batches(5, 2, seed=3))]
+    assert whole[7:] == [b for _, b in zip(range(5), batches(5, 2, seed=3, start=14))]
+    assert sorted(i for b in whole[:5] for i in b) == sorted(list(range(5)) * 2)  # every example once per epoch
