@@ -77,7 +77,7 @@ def test_the_cli_gives_the_answers_the_bench_grades(trained, held_out, tmp_path)
               "--device", "cpu"]
     subprocess.run([sys.executable, "-m", "vidmem", "ingest", str(made.path(clip)), "--stream", clip.name, *common,
                     "--json"], check=True, capture_output=True, timeout=600)
-    questions = [q for q in made.questions if q.video == f"{clip.name}.mp4" and q.kind == "what"]
+    questions = [q for q in made.questions if q.video == f"{clip.name}.mp4" and q.kind == "what"][:2]
     for q in questions:
         done = subprocess.run([sys.executable, "-m", "vidmem", "ask", q.question, "--stream", clip.name, "--max-new-tokens",
                                "16", *common, "--json"], check=True, capture_output=True, text=True, timeout=600)
