@@ -28,13 +28,14 @@ EVAL_SEED = 7  # held-out clips: seeds 7000.., far from the training seeds (100,
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
-    """The quick recipe, trained once per test session (or taken from VIDMEM_WORLD_MODELS, a `world_models.py
-    --recipe quick` output directory, to save the minutes when running the tests again)."""
+    """The suite's recipe (`tests`: the quick one's vision tower and CLIP, a few VLM steps), trained once per test
+    session (or taken from VIDMEM_WORLD_MODELS, a `world_models.py` output directory, to save the minutes when
+    running the tests again)."""
     given = os.environ.get("VIDMEM_WORLD_MODELS")
     if given and (Path(given) / "vlm" / "config.json").is_file():
         return Path(given)
     out = tmp_path_factory.mktemp("world-models")
-    wm.train_all(out, wm.RECIPES["quick"])
+    wm.train_all(out, wm.RECIPES["tests"])
     return out
 
 
