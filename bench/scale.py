@@ -72,7 +72,7 @@ def main() -> None:
     pg, milvus = start_postgres(), start_milvus()
     runs, per_segment = {}, {}
     try:
-        ray.init(num_cpus=max(workers) + args.streams + 2, include_dashboard=False, namespace=cluster.NAMESPACE,
+        ray.init(address="local", num_cpus=max(workers) + args.streams + 2, include_dashboard=False, namespace=cluster.NAMESPACE,
                  log_to_driver=False)
         for n in workers:
             url = f"{pg.create_database(f'scale_{n}')}?index={milvus.url}&tokens={work / f'tokens{n}'}"
