@@ -43,10 +43,18 @@ class Settings:
     max_new_tokens: int = 256  # answer length limit
     feature_cache: bool = False  # STC cacher: reuse vision features of near-identical frames instead of re-encoding
     prune: float = 1.0  # STC pruner: share of each segment's tokens shown to the model; selection spends budget / prune
+    token_dtype: str = "float16"  # how new segments store their tokens: float16, or int8 with one scale per token
+    kv_cache_bytes: int = 2 << 30  # kept KV caches (live windows, conversations) held at most, least recent out first
+    runtime: str | None = None  # eager | fast | fast-lm (agents/runtime.py); None: $VIDMEM_RUNTIME, else fast on a CPU
 
     def __post_init__(self) -> None:
+        from vidmem.agents.runtime import resolve
+
+        resolve(self.runtime)  # a bad name fails here, before anything loads
         if not 0.0 < self.prune <= 1.0:
             raise ConfigError(f"prune must be a share of tokens in (0, 1], not {self.prune}")
+        if self.token_dtype not in ("float16", "int8"):
+            raise ConfigError(f"token dtype must be float16 or int8, not {self.token_dtype!r}")
 
 
 @dataclass
@@ -115,8 +123,10 @@ class MemorySink:
             views=encoded.views,
         )
         self.last_row = row
-        if self.app.settings.captions:
-            self.app.caption(row)
+        if self.app.settings.captions:  # model work: after questions, verification and live refresh
+            from vidmem.agents.scheduler import Priority
+
+            self.app.scheduler.run(Priority.CAPTION, lambda: self.app.caption(row))
         if self.on_segment is not None:
             self.on_segment(row, segment)
         return row.tokens
@@ -137,14 +147,23 @@ class Vidmem:
         self._lock = threading.RLock()
         self._memory = self._vlm = self._embedder = self._compressor = self._answerer = None
         self._caption_embedder = self._compressor_tag = None
-        self.live: dict[str, KeptPrefix] = {}  # live streams' kept KV caches of their recent window
+        from vidmem.agents.kept import KeptCaches
+
+        # Kept KV caches, bounded in bytes: live streams' recent windows (keyed by stream name) and conversations
+        # (keyed by ("conversation", stream, id)) share one LRU.
+        self.live = KeptCaches(settings.kv_cache_bytes)
+        self._status_writer = None  # one thread recording sources' states in the memory, in order
+        self._scheduler = None  # model work by priority (agents/scheduler.py), started on first use
 
     @property
     def memory(self):
         """The memory directory, opened on first use (so a model that fails to load leaves no trace on disk)."""
         from vidmem.memory import Memory
 
-        return self._once("_memory", lambda: Memory.open(self.settings.memory, readonly=self.readonly))
+        # FAISS searches on a GPU copy when the device asks for one and faiss has GPUs ("auto": when it has)
+        device = "cuda" if self.settings.device.startswith("cuda") else self.settings.device
+        return self._once("_memory", lambda: Memory.open(self.settings.memory, readonly=self.readonly, device=device,
+                                                         token_dtype=self.settings.token_dtype))
 
     # ---- lazily loaded models -----------------------------------------------------------------------
     def _once(self, attribute: str, load: Callable[[], object]):
@@ -155,10 +174,23 @@ class Vidmem:
             return getattr(self, attribute)
 
     @property
+    def scheduler(self):
+        """The one queue of model work, by priority: questions, verification, live refresh, captions."""
+        from vidmem.agents.scheduler import Scheduler
+
+        return self._once("_scheduler", Scheduler)
+
+    @property
     def vlm(self):
         from vidmem.agents.models import load_vlm
+        from vidmem.agents.runtime import apply_runtime
 
-        return self._once("_vlm", lambda: load_vlm(self.settings.model, device=self.settings.device))
+        def load():
+            vlm = load_vlm(self.settings.model, device=self.settings.device)
+            apply_runtime(vlm, self.settings.runtime)  # the CPU fast path, before anything is encoded
+            return vlm
+
+        return self._once("_vlm", load)
 
     @property
     def encoder(self):
@@ -248,13 +280,64 @@ class Vidmem:
         progress: bool = False,
         stop: asyncio.Event | None = None,
         on_segment: Callable[[object, object], None] | None = None,
+        on_status: Callable[[str, object], None] | None = None,
     ):
-        """Run the ingest loop from `source` into `stream`; returns the stream stage's IngestReport."""
+        """Run the ingest loop from `source` into `stream`; returns the stream stage's IngestReport.
+
+        The source's state changes (live, reconnecting, ended) and gaps are recorded in the memory and passed to
+        `on_status(stream, SourceStatus)` (from the thread that made the change). Retention is enforced after.
+        """
         from vidmem.stream.ingest import IngestOptions, ingest
 
         await asyncio.to_thread(self._prepare_ingest)
+        self.watch_source(source, stream, on_status)
         sink = MemorySink(self, stream, on_segment=on_segment)
-        return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress, stop=stop)
+        try:
+            return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
+                                stop=stop)
+        finally:
+            await asyncio.to_thread(self._after_ingest, stream)
+
+    def watch_source(self, source, stream: str, on_status: Callable[[str, object], None] | None = None) -> None:
+        """Record `source`'s state and gaps in the memory as they change, and pass them to `on_status`."""
+        if getattr(source, "on_status", None) is None:
+            return
+
+        def listener(status) -> None:  # any thread; the memory write goes to one ordered worker
+            if not self.readonly:
+                self._record_status(stream, status)
+            if on_status is not None:
+                on_status(stream, status)
+
+        source.on_status.append(listener)
+        listener(source.status)  # the state it is in already
+
+    def _record_status(self, stream: str, status) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            if self._status_writer is None:
+                self._status_writer = ThreadPoolExecutor(1, thread_name_prefix="vidmem-status")
+            writer = self._status_writer
+
+        def write() -> None:
+            try:
+                self.memory.record_source(stream, status.to_json(), status.new_gap)
+            except VidmemError as exc:
+                log.warning("could not record the state of stream %s: %s", stream, exc)
+
+        try:
+            writer.submit(write)
+        except RuntimeError:  # closing
+            pass
+
+    def _after_ingest(self, stream: str) -> None:
+        if self._status_writer is not None:  # the states recorded so far land before the memory closes
+            self._status_writer.submit(lambda: None).result()
+        try:
+            self.memory.apply_retention(stream)
+        except VidmemError as exc:
+            log.info("enforcing retention after ingesting stream %s failed: %s", stream, exc)
 
     def _prepare_ingest(self) -> None:
         self.memory.bind(self.manifest())  # refuses a memory made with another encoder before any work
@@ -303,11 +386,7 @@ class Vidmem:
     ) -> Selection:
         """Evidence for `question`; `query` replaces its text embedding (e.g. an image embedding to search by)."""
         streams = self._check_streams(streams)
-        timeline = [
-            row for name in (streams or [None]) for row in self.memory.segments(stream=name, since=since, until=until)
-        ]
-        timeline.sort(key=lambda r: (r.start, r.stream, r.id))
-        if not timeline:
+        if all(self.memory.span(stream=name, since=since, until=until) is None for name in (streams or [None])):
             where = f"stream '{streams[0]}'" if streams and len(streams) == 1 else "the memory"
             span = " in that time range" if since is not None or until is not None else ""
             raise VidmemError(f"{where} holds no segments{span}; ingest some video first")
@@ -324,7 +403,9 @@ class Vidmem:
         # With the pruner on, select for the larger budget its pruning brings back within `budget`.
         spend = int(budget / self.settings.prune)
         room = self.context_room(question)
-        selection = select(timeline, candidates, options=replace(opts, budget=min(spend, room)), live_streams=live_streams)
+        opts = replace(opts, budget=min(spend, room))
+        timeline = self.evidence_timeline(streams, since, until, candidates, live_streams, opts)
+        selection = select(timeline, candidates, options=opts, live_streams=live_streams)
         # the timestamps and newlines around each segment take room in the model's context too
         overhead = len(selection.picks) * self.vlm.span_tokens
         if selection.visual_tokens + overhead > room:
@@ -344,6 +425,32 @@ class Vidmem:
             )
         text = vlm.count_tokens(vlm.layout.head) + vlm.count_tokens(vlm.layout.tail(question))
         return vlm.context_length - self.settings.max_new_tokens - text
+
+    ANCHOR_SAMPLES = 2  # anchor candidates drawn per anchor the budget could hold (selection spaces them evenly)
+    ANCHOR_TOKENS = 49  # a typical low-detail view (TimePerceiver's fast tokens), to size the anchor sample
+
+    def evidence_timeline(self, streams, since, until, candidates, live_streams, options: SelectOptions) -> list:
+        """The rows selection may choose from, found by index lookups rather than loading the range: the
+        candidates and their neighbours, each live stream's recent window, and segments spread evenly in time over
+        the range for anchors. A question's cost so stays the same over a day or a month of footage."""
+        memory = self.memory
+        rows = {row.id: row for row, _ in candidates}
+        for row, _ in candidates[: options.candidates]:
+            for near in memory.neighbours(row, options.neighbours):
+                if (since is None or near.end >= since) and (until is None or near.start <= until):
+                    rows.setdefault(near.id, near)
+        for name in live_streams:
+            bounds = memory.span(stream=name, since=since, until=until)
+            if bounds is not None:
+                window = memory.segments(stream=name, since=max(bounds[1] - options.recent_seconds, since or bounds[0]),
+                                         until=until)
+                rows.update((row.id, row) for row in window)
+        anchors = max(1, min(1024, self.ANCHOR_SAMPLES * (options.budget // self.ANCHOR_TOKENS)))
+        names = streams or [None]
+        for name in names:
+            for row in memory.spread(max(1, anchors // len(names)), stream=name, since=since, until=until):
+                rows.setdefault(row.id, row)
+        return sorted(rows.values(), key=lambda r: (r.start, r.stream, r.id))
 
     def ask(
         self,
@@ -379,6 +486,43 @@ class Vidmem:
         )
         return self.answerer.answer(question, selection.picks, self.memory.read_tokens, on_token=on_token)
 
+    # ---- conversations: follow-ups reuse the first question's evidence and its kept cache ------------
+    def ask_conversation(
+        self,
+        conversation: str,
+        question: str,
+        *,
+        streams: Sequence[str] | None = None,
+        budget: int = 6000,
+        since: float | None = None,
+        until: float | None = None,
+        on_token: Callable[[str], None] | None = None,
+        live: bool = False,
+    ) -> Answer:
+        """A question in conversation `conversation`: the first one selects evidence (the live stream's recent
+        window among it when `live`) and keeps its KV cache; each follow-up is answered on that evidence,
+        prefilling only itself (`cached_tokens` > 0). Conversations live in the byte-bounded LRU of kept caches:
+        one evicted or never seen starts afresh. Blocking: run it in a worker thread from async code."""
+        if not question or not question.strip():
+            raise VidmemError("the question is empty")
+        self.check_answering_weights()
+        key = ("conversation", tuple(streams or ()), conversation)
+        answerer = self.answerer
+        with answerer.lock:
+            kept = self.live.get(key)
+            if kept is not None:
+                return answerer.answer(question, [], self.memory.read_tokens, on_token=on_token, prefix=kept)
+            selection = self.select(question, streams=streams, budget=budget, since=since, until=until,
+                                    live_streams=streams if live else ())
+            answer = answerer.answer(question, selection.picks, self.memory.read_tokens, on_token=on_token)
+            if answerer.kept is not None:
+                self.live[key] = answerer.kept
+            return answer
+
+    def end_conversation(self, conversation: str, streams: Sequence[str] | None = None) -> bool:
+        """Forget a conversation's kept cache; True when there was one."""
+        return self.live.pop(("conversation", tuple(streams or ()), conversation)) is not None
+
     # ---- live streams: a kept KV cache of the recent window ------------------------------------------
     def refresh_live(self, stream: str) -> KeptPrefix | None:
         """Bring `stream`'s kept window up to date with what the memory holds; blocking (model work).
@@ -406,6 +550,7 @@ class Vidmem:
                 if oldest >= last.end - 2 * window and tokens <= LIVE_TOKEN_LIMIT:
                     if new:
                         answerer.extend(kept, new, self.memory.read_tokens)
+                        self.live.refresh(stream)  # it grew in place
                     return kept
             self.live[stream] = kept = answerer.prefill(self._fit(picks), self.memory.read_tokens)
             return kept
@@ -465,5 +610,10 @@ class Vidmem:
         self.compressor, self.embedder  # noqa: B018 - properties load on access
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if self._status_writer is not None:
+            self._status_writer.shutdown(wait=True)
+            self._status_writer = None
         if self._memory is not None:
             self._memory.close()

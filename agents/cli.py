@@ -65,6 +65,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embedder", default=os.environ.get("VIDMEM_EMBEDDER"),
                        help="CLIP sentence-transformers hub id or local directory (default: clip-ViT-B-32)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run")
+    group.add_argument("--runtime", choices=("eager", "fast", "fast-lm"), default=os.environ.get("VIDMEM_RUNTIME"),
+                       help="CPU runtime: fast (default on a CPU: int8 vision tower), eager (fp32 throughout), "
+                            "fast-lm (also an int8 language model); $VIDMEM_RUNTIME")
     group.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     group.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
 
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream name (default: the file's name)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     p.add_argument("--frame-budget", type=int, help="files: keep only the N most informative frames (AVS top-k)")
+    p.add_argument("--motion", action="store_true",
+                   help="motion-gated sampling: --fps becomes a cap; frames are taken when parts of the picture "
+                        "change, and at least one every 10 s")
     p.add_argument("--compressor", default="timeperceiver", help="token compressor (default timeperceiver)")
     p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-cache", action="store_true",
                    help="reuse vision features of near-identical frames instead of encoding them again (STC cacher)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
+    _token_dtype(p)
     _ray_flag(p)
     _common(p)
 
@@ -109,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("VIDMEM_TOKEN"), help="required bearer token")
     p.add_argument("--mqtt", help="also monitor the live streams over MQTT (mqtt://[user:pass@]host:port)")
     p.add_argument("--rules", type=Path, help="watch rules (YAML or JSON) for --mqtt")
+    p.add_argument("--prefix", default="vidmem", help="MQTT topic prefix for --mqtt (default vidmem)")
+    p.add_argument("--mqtt-ca", type=Path, help="CA certificate file to check an mqtts:// broker with")
+    p.add_argument("--mqtt-insecure", action="store_true", help="mqtts:// without checking the certificate (testing only)")
+    p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
+    _token_dtype(p)
+    _kv_cache(p)
     _ray_flag(p)
     _common(p)
 
@@ -122,12 +135,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-insecure", action="store_true", help="mqtts:// without checking the certificate (testing only)")
     p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
     p.add_argument("--reconnect-max", type=float, default=30.0, help="longest wait between reconnects, seconds (default 30)")
+    p.add_argument("--source-backoff-max", type=float, default=30.0,
+                   help="longest wait between a lost camera's reconnection attempts, seconds (default 30; it never "
+                        "gives up)")
+    _token_dtype(p)
+    _kv_cache(p)
     _ray_flag(p)
     _common(p)
 
     _train_parser(sub)
 
-    p = sub.add_parser("stats", help="streams, segments, bytes and time covered")
+    p = sub.add_parser("stats", help="streams, segments, bytes, time covered, source states and retention")
+    _common(p)
+
+    p = sub.add_parser("chat", help="an interactive conversation over the memory (follow-ups reuse the kept cache)")
+    p.add_argument("--stream", action="append", help="limit to this stream (repeatable; /stream changes it)")
+    p.add_argument("--budget", type=int, default=6000, help="visual-token budget per conversation (default 6000)")
+    p.add_argument("--since", help="from this time (seconds, HH:MM:SS, or ISO date-time; /since changes it)")
+    p.add_argument("--until", help="up to this time (/until changes it)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--compressor-weights", type=Path, help="the checkpoint used at ingest (loads its projector)")
+    _kv_cache(p)
+    _common(p)
+
+    p = sub.add_parser("retention", help="how much footage to keep: per stream, or a disk budget for the memory")
+    p.add_argument("--stream", help="set this stream's limits (default: the whole memory's)")
+    p.add_argument("--max-age", help="drop footage older than this: 90s, 30m, 12h, 7d (or 'none')")
+    p.add_argument("--max-bytes", help="keep the stream (or the whole memory) under this size: 500MB, 20GB (or 'none')")
     _common(p)
 
     p = sub.add_parser("migrate", help="copy an embedded memory directory into a shared memory and verify it")
@@ -136,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     return parser
+
+
+def _kv_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-mb", type=float, default=2048.0,
+                        help="kept KV caches (live windows, conversations) held at most, in MB; least recent go first")
+
+
+def _token_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-dtype", choices=("float16", "int8"), default="float16",
+                        help="how new segments store their tokens (int8: half the disk, one scale per token)")
 
 
 def _settings(args: argparse.Namespace):
@@ -150,7 +194,16 @@ def _settings(args: argparse.Namespace):
         feature_cache=getattr(args, "feature_cache", False),
         prune=getattr(args, "prune", 1.0),
         caption_embedder=getattr(args, "caption_embedder", None),
+        token_dtype=getattr(args, "token_dtype", "float16"),
+        kv_cache_bytes=_kv_cache_bytes(getattr(args, "kv_cache_mb", 2048.0)),
+        runtime=args.runtime,
     )
+
+
+def _kv_cache_bytes(megabytes: float) -> int:
+    if not megabytes >= 0:
+        raise ConfigError(f"--kv-cache-mb must be zero or more megabytes, not {megabytes}")
+    return int(megabytes * 2**20)
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
@@ -164,14 +217,18 @@ def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
 def _stream_name(source: str) -> str:
     import re
 
+    from vidmem.memory import check_stream_name
+
     stem = Path(source.split("?")[0].rstrip("/")).stem or "stream"
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "stream"
-    return name[:64] if name[0].isalnum() else "s" + name[:63]
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.-]+", "-", stem)).strip("-.") or "stream"
+    name = name[:64] if name[0].isalnum() else "s" + name[:63]
+    return check_stream_name(name.rstrip("-."))  # the memory's one rule decides
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from vidmem.agents.app import Vidmem
     from vidmem.stream import IngestOptions, open_source
+    from vidmem.stream.motion import MotionOptions
 
     from vidmem.memory import check_stream_name
 
@@ -189,8 +246,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            options = IngestOptions(fps=args.fps, frame_budget=args.frame_budget,
+                                    motion=MotionOptions() if args.motion else None)
             return await app.ingest(
-                source, stream=stream, options=IngestOptions(fps=args.fps, frame_budget=args.frame_budget),
+                source, stream=stream, options=options,
                 progress=not args.no_progress and sys.stderr.isatty(), stop=stop,
             )
 
@@ -272,18 +331,202 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = """commands:
+  /stream NAME [NAME...]  ask about these streams (/stream all: every stream)
+  /since T, /until T      the time range (seconds, HH:MM:SS or ISO date-time; 'none' clears it)
+  /new                    start a new conversation (new evidence for the next question)
+  /history                the questions and answers so far
+  /help, /quit"""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A terminal conversation: the first question of a conversation selects evidence, follow-ups reuse its kept
+    cache (prefilling only themselves); changing the streams or the range starts a new conversation."""
+    import uuid
+
+    from vidmem.agents.app import Vidmem
+
+    try:
+        import readline  # noqa: F401 - line editing and history for input(), where the platform has it
+    except ImportError:
+        pass
+    app = Vidmem(_settings(args), readonly=True)
+    streams = list(args.stream) if args.stream else None
+    since, until = parse_time(args.since), parse_time(args.until)
+    history: list[tuple[str, str]] = []
+    conversation = uuid.uuid4().hex[:12]
+    interactive = sys.stdin.isatty() and not args.json
+
+    def say(text: str) -> None:
+        if not args.json:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    try:
+        app.memory  # noqa: B018 - fail on a missing memory before loading any model
+        if streams:
+            app._check_streams(streams)
+        say("vidmem chat: ask about the memory; /help for commands, /quit to leave")
+        while True:
+            try:
+                line = input("> " if interactive else "").strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line.startswith("/"):
+                command, _, rest = line[1:].partition(" ")
+                rest = rest.strip()
+                try:
+                    if command in ("quit", "exit", "q"):
+                        break
+                    if command == "help":
+                        say(CHAT_HELP)
+                    elif command == "history":
+                        for question, answer in history:
+                            say(f"> {question}\n{answer}")
+                    elif command == "new":
+                        conversation = uuid.uuid4().hex[:12]
+                        say("(a new conversation)")
+                    elif command == "stream":
+                        names = rest.split() if rest and rest != "all" else None
+                        if names:
+                            app._check_streams(names)
+                        streams, conversation = names, uuid.uuid4().hex[:12]
+                        say(f"(streams: {', '.join(names) if names else 'all'}; a new conversation)")
+                    elif command in ("since", "until"):
+                        value = None if rest.lower() in ("", "none") else parse_time(rest)
+                        if command == "since":
+                            since = value
+                        else:
+                            until = value
+                        conversation = uuid.uuid4().hex[:12]
+                        say(f"({command} {rest or 'none'}; a new conversation)")
+                    else:
+                        raise ConfigError(f"unknown command /{command}; /help lists them")
+                except VidmemError as exc:
+                    sys.stderr.write(f"vidmem: error: {exc}\n")
+                continue
+            streaming = interactive
+
+            def on_token(text: str) -> None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+            try:
+                answer = app.ask_conversation(conversation, line, streams=streams, budget=args.budget, since=since,
+                                              until=until, on_token=on_token if streaming else None)
+            except VidmemError as exc:  # one bad question does not end the conversation
+                sys.stderr.write(f"vidmem: error: {exc}\n")
+                continue
+            history.append((line, answer.text))
+            if args.json:
+                sys.stdout.write(json.dumps({"conversation": conversation, "question": line, **answer.to_json()}) + "\n")
+                sys.stdout.flush()
+                continue
+            if streaming:
+                sys.stdout.write("\n")
+            else:
+                say(answer.text)
+            cited = "; ".join(f"{s['stream']} {s['start']:.1f}-{s['end']:.1f}s" for s in answer.segments()[:6])
+            say(f"({answer.visual_tokens} visual tokens from {len(answer.picks)} segments: {cited}; "
+                f"{answer.cached_tokens} prompt tokens reused, {answer.prefill_tokens} computed)")
+    finally:
+        app.close()
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from vidmem.memory import Memory
 
     with Memory.open(args.memory, readonly=True) as memory:
         stats = memory.stats()
-    lines = [f"{args.memory}: {stats['segments']} segments, {stats['bytes']} bytes, {stats['seconds_covered']:.1f} s covered"]
+    lines = [f"{args.memory}: {stats['segments']} segments, {_size(stats['bytes'])} of tokens, "
+             f"{_size(stats['disk_bytes'])} on disk, {stats['seconds_covered']:.1f} s covered; "
+             f"retention: {_limits(stats['retention'], budget=True)}"]
     for s in stats["streams"]:
-        lines.append(f"  {s['name']}: {s['segments']} segments, {s['bytes']} bytes, {s['start']:.1f}-{s['end']:.1f} s")
+        span = f"{s['start']:.1f}-{s['end']:.1f} s" if s["start"] is not None else "empty"
+        source = s.get("source")
+        state = f"; source {source['state']} since {datetime.fromtimestamp(source['since']).isoformat(timespec='seconds')}" \
+            if source else ""
+        lines.append(f"  {s['name']}: {s['segments']} segments, {_size(s['bytes'])}, {span}{state}, "
+                     f"{s['gaps']} gaps; retention: {_limits(s['retention'])}")
     _emit(args, stats, "\n".join(lines))
     return 0
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _limits(retention: dict, *, budget: bool = False) -> str:
+    parts = []
+    if retention.get("max_age_seconds") is not None:
+        parts.append(f"max age {retention['max_age_seconds']:g} s")
+    if retention.get("max_bytes") is not None:
+        parts.append(f"{'disk budget' if budget else 'max'} {_size(retention['max_bytes'])}")
+    return ", ".join(parts) or "keep everything"
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+              "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_duration(text: str) -> float | None:
+    """'7d', '12h', '30m', '90s' or plain seconds -> seconds; 'none' -> None (no limit)."""
+    import re
+
+    if text.strip().lower() in ("none", "off", "0"):
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(f"cannot read the age '{text}': give a positive number with s, m, h, d or w (e.g. 7d)")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+def parse_size(text: str) -> int | None:
+    """'20GB', '500MB', '1.5GiB' or plain bytes -> bytes; 'none' -> None (no limit)."""
+    import re
+
+    if text.strip().lower() in ("none", "off", "0"):
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in ("", *SIZE_UNITS) or float(match.group(1)) <= 0:
+        raise ConfigError(f"cannot read the size '{text}': give a positive number with kB, MB, GB or TB (e.g. 20GB)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2) or "b"])
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from vidmem.memory import Memory, Retention, check_stream_name
+
+    stream = check_stream_name(args.stream) if args.stream else None
+    change = args.max_age is not None or args.max_bytes is not None
+    age = parse_duration(args.max_age) if args.max_age is not None else None
+    size = parse_size(args.max_bytes) if args.max_bytes is not None else None
+    with Memory.open(args.memory, readonly=not change) as memory:
+        deleted = 0
+        if change:
+            current = memory.retention(stream) if stream is None or memory.has_stream(stream) else Retention()
+            retention = Retention(max_age_seconds=age if args.max_age is not None else current.max_age_seconds,
+                                  max_bytes=size if args.max_bytes is not None else current.max_bytes)
+            memory.set_retention(stream, retention)
+            deleted = memory.apply_retention()  # enforced now; every writer keeps enforcing it
+        if stream is not None and not memory.has_stream(stream):
+            raise ConfigError(f"unknown stream '{stream}'; the memory holds: "
+                              f"{', '.join(s.name for s in memory.streams()) or 'none yet'}")
+        retention = memory.retention(stream)
+        disk = memory.disk_usage()
+    payload = {"stream": stream, "max_age_seconds": retention.max_age_seconds, "max_bytes": retention.max_bytes,
+               "deleted_segments": deleted, "disk_bytes": disk}
+    who = f"stream {stream}" if stream else "the memory"
+    text = f"retention of {who}: {_limits(payload, budget=stream is None)}"
+    if change:
+        text += f"; {deleted} segments deleted now, {_size(disk)} on disk"
+    _emit(args, payload, text)
 def cmd_migrate(args: argparse.Namespace) -> int:
     from vidmem.memory.postgres import is_memory_url
     from vidmem.memory.shared import migrate
@@ -297,9 +540,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """The websocket server; with --mqtt, the MQTT monitor watches its streams (wired here: neither imports the
+    other)."""
     from vidmem.agents.server import serve_main
 
-    return serve_main(args, _settings(args))
+    attach = None
+    if args.mqtt:
+        from vidmem.agents.monitor import attach_live, parse_mqtt_url
+
+        parse_mqtt_url(args.mqtt, ca_file=args.mqtt_ca, insecure=args.mqtt_insecure)  # a bad URL fails first
+        attach = attach_live
+    elif args.rules or args.mqtt_ca or args.mqtt_insecure:
+        raise ConfigError("--rules, --mqtt-ca and --mqtt-insecure need --mqtt")
+    return serve_main(args, _settings(args), attach=attach)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -386,7 +639,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "serve": cmd_serve, "monitor": cmd_monitor, "train": cmd_train,
-            "stats": cmd_stats, "migrate": cmd_migrate}
+            "stats": cmd_stats, "retention": cmd_retention, "chat": cmd_chat, "migrate": cmd_migrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

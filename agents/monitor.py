@@ -2,34 +2,31 @@
 
     vidmem monitor --mqtt mqtt://user:pass@broker:1883 --rules rules.yaml --source porch=rtsp://cam/stream
 
-One `Monitor` holds one broker connection (aiomqtt, QoS 1, a persistent session under a fixed client id, the
-retained `offline` availability as last will). Everything it sends goes through a bounded outbox that outlives
-the connection: while the broker is away, events wait there and are delivered after the reconnect (the
-reconnect is an explicit loop with exponential backoff). The rule lifecycle itself is pure logic in
-`vidmem.agents.rules`; this module only connects it to the models, the memory and the broker.
+One `Monitor` is the behaviour: what a question, a trigger, a rule change or a committed segment leads to, and what
+is published. The transport is `vidmem.agents.mqtt` (`MqttLink`: one broker connection with a persistent session,
+the retained `offline` last will, and a bounded outbox that outlives the connection, so events queued while the
+broker is away are delivered after the reconnect). The rule lifecycle itself is pure logic in
+`vidmem.agents.rules`; model work goes through the app's scheduler (`vidmem.agents.scheduler`).
 
 Topics (DESIGN.md, "MQTT"): `<prefix>/available`, `<prefix>/<stream>/ask` -> `<prefix>/<stream>/answer`,
 `<prefix>/<stream>/trigger`, `<prefix>/<stream>/rules/set` -> `<prefix>/<stream>/rules` (retained),
-`<prefix>/events`, `<prefix>/errors`, `<prefix>/<stream>/rule/<id>/state` (ON/OFF, retained) and the Home
-Assistant discovery configs under `homeassistant/binary_sensor/`.
+`<prefix>/events`, `<prefix>/errors`, `<prefix>/<stream>/rule/<id>/state` (ON/OFF, retained), the sources' state
+`<prefix>/<stream>/state` (retained) and the Home Assistant discovery configs under `homeassistant/binary_sensor/`.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
 import math
-import signal
-import ssl
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -45,58 +42,27 @@ from vidmem.agents.rules import (
     parse_rules_document,
     parse_trigger,
 )
-from vidmem.errors import BrokerError, ConfigError, ProtocolError, VidmemError
+from vidmem.agents.mqtt import (  # noqa: F401 - re-exported: the transport's names, where they used to be
+    DEFAULT_PORTS,
+    BrokerConfig,
+    LinkOptions,
+    MqttErrorTypes,
+    MqttLink,
+    Outbox,
+    Outgoing,
+    describe_mqtt_error,
+    parse_mqtt_url,
+    probe_broker,
+)
+from vidmem.agents.scheduler import Priority
+from vidmem.errors import ConfigError, ProtocolError, VidmemError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 VERIFY_PROMPT = "Answer with yes or no only. Is the following true in this video: {condition}?"
 
 
 # ---- configuration --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Where the broker is and how to log in (from `mqtt://[user:pass@]host:port`)."""
-
-    host: str  # broker host name or address
-    port: int  # TCP port
-    username: str | None = None  # MQTT user name
-    password: str | None = None  # MQTT password
-    tls: bool = False  # mqtts://: TLS on the connection
-    ca_file: Path | None = None  # CA bundle to check the broker's certificate with (default: the system's)
-    insecure: bool = False  # accept any certificate and host name (testing only)
-
-    @property
-    def where(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def parse_mqtt_url(url: str, *, ca_file: Path | None = None, insecure: bool = False) -> BrokerConfig:
-    """`mqtt://[user:pass@]host[:port]` or `mqtts://...`; ConfigError with the reason otherwise."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"cannot read the MQTT URL: {exc}; use mqtt://[user:pass@]host:port.") from None
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"the MQTT URL must start with mqtt:// or mqtts://, got {scheme or 'no scheme'}.")
-    if not parts.hostname:
-        raise ConfigError("the MQTT URL names no host; use mqtt://[user:pass@]host:port.")
-    if parts.path not in ("", "/") or parts.query:
-        raise ConfigError("the MQTT URL takes no path or query; use mqtt://[user:pass@]host:port.")
-    if (ca_file is not None or insecure) and scheme != "mqtts":
-        raise ConfigError("--mqtt-ca and --mqtt-insecure only apply to an mqtts:// URL.")
-    if ca_file is not None and not Path(ca_file).is_file():
-        raise ConfigError(f"the MQTT CA file {ca_file} does not exist.")
-    return BrokerConfig(
-        host=parts.hostname, port=port or DEFAULT_PORTS[scheme],
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=scheme == "mqtts", ca_file=Path(ca_file) if ca_file else None, insecure=insecure,
-    )
-
-
 @dataclass(frozen=True)
 class MonitorOptions:
     """How the monitor talks to the broker and how much it holds in memory."""
@@ -118,9 +84,13 @@ class MonitorOptions:
     segment_queue: int = 64  # segments waiting to be scored; beyond, ingest waits (files) up to segment_wait
     segment_wait: float = 30.0  # seconds a committed segment may wait for room before it is dropped unscored
     verify_budget: int = 1000  # visual tokens for a rule's yes/no verification question (one segment)
+    verify_segments: int = 4  # the newest segments of an event a verification question looks at
     trigger_budget: int = 6000  # visual tokens for a trigger's description
     snapshots: bool = True  # attach the keyframe JPEG (base64) to events
     fps: float = 1.0  # sampled frames per second for --source ingest
+    source_backoff_max: float = 30.0  # seconds: the longest wait between a lost source's reconnection attempts
+    source_backoff_min: float = 0.5  # seconds before a lost source's first reconnection attempt
+    token_dtype: str = "float16"  # how --source ingest stores tokens (the app's setting decides; kept for messages)
     allow_new_streams: bool = False  # accept rules for streams not seen yet (the live server's future cameras)
 
     def __post_init__(self) -> None:
@@ -130,6 +100,8 @@ class MonitorOptions:
             raise ConfigError(f"qos must be 0, 1 or 2, got {self.qos}.")
         if not 0 < self.reconnect_min <= self.reconnect_max:
             raise ConfigError("reconnect_min must be positive and at most reconnect_max.")
+        if not 0 < self.source_backoff_min <= self.source_backoff_max:
+            raise ConfigError("source_backoff_min must be positive and at most source_backoff_max.")
 
 
 def load_rules_file(path: str | Path) -> list[tuple[str, Rule]]:
@@ -169,73 +141,6 @@ def parse_source_args(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--source names the stream '{name}' twice.")
         out[name] = url
     return out
-
-
-# ---- the outbox -----------------------------------------------------------------------------------------------
-@dataclass
-class Outgoing:
-    topic: str
-    payload: bytes
-    retain: bool = False
-    event: bool = False  # an event message: dropped only when nothing else is left to drop
-
-
-class Outbox:
-    """Messages waiting for the broker, in order; bounded in count and bytes.
-
-    When full, the oldest non-event message goes first (answers, errors, states can be asked for again or are
-    republished; events cannot), then the oldest event; both are counted. A retained message replaces a queued
-    one for the same topic, since only the last value of a retained topic matters.
-    """
-
-    def __init__(self, *, max_messages: int, max_bytes: int) -> None:
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self._items: deque[Outgoing] = deque()
-        self._bytes = 0
-        self._ready = asyncio.Event()
-        self.in_flight: Outgoing | None = None  # the head being published (never dropped or replaced)
-        self.dropped = 0  # non-event messages dropped because the outbox was full
-        self.dropped_events = 0  # events dropped because the outbox was full of events
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, message: Outgoing) -> None:
-        if message.retain:
-            for old in list(self._items):
-                if old.topic == message.topic and old is not self.in_flight:
-                    self._remove(old)
-        self._items.append(message)
-        self._bytes += len(message.payload)
-        while len(self._items) > 1 and (len(self._items) > self.max_messages or self._bytes > self.max_bytes):
-            victim = next((m for m in self._items if not m.event and m is not self.in_flight), None)
-            if victim is None:
-                victim = next(m for m in self._items if m is not self.in_flight)
-                self.dropped_events += 1
-                log.warning("MQTT outbox full: dropped the oldest event message (%d so far)", self.dropped_events)
-            else:
-                self.dropped += 1
-                log.info("MQTT outbox full: dropped a %s message (%d so far)", victim.topic, self.dropped)
-            self._remove(victim)
-        self._ready.set()
-
-    def _remove(self, message: Outgoing) -> None:
-        self._items.remove(message)
-        self._bytes -= len(message.payload)
-
-    async def head(self) -> Outgoing:
-        """The oldest message, waiting for one; it stays queued until `done` (so a failed publish is retried)."""
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        self.in_flight = self._items[0]
-        return self.in_flight
-
-    def done(self, message: Outgoing) -> None:
-        if self._items and self._items[0] is message:
-            self._remove(message)
-        self.in_flight = None
 
 
 # ---- the monitor ----------------------------------------------------------------------------------------------
@@ -298,6 +203,17 @@ class Monitor:
         """Make a stream known (the live server does when a camera connects), so rules may be set for it."""
         self.streams.add(name)
 
+    def on_source_status(self, stream: str, status) -> None:
+        """A source's state changed (any thread): publish it, retained, on `<prefix>/<stream>/state`."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        body = status.to_json()
+        try:
+            loop.call_soon_threadsafe(self._publish, self.topics.source_state(stream), body, True)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
     def on_segment(self, row, segment) -> None:
         """A segment was committed (called from the ingest worker thread): queue it for scoring.
 
@@ -309,7 +225,7 @@ class Monitor:
         if loop is None or self._segments is None or loop.is_closed():
             return
         self.streams.add(row.stream)
-        item = (row, segment.keyframe.image)
+        item = (row, [frame.image for frame in segment.frames])  # every frame: a rule scores the whole segment
         if _on_loop_thread(loop):
             self._put_segment_nowait(item)
             return
@@ -331,7 +247,13 @@ class Monitor:
         self._closing = asyncio.Event()
         self.ready = self.ready or asyncio.Event()
         first = self._loop.create_future()
-        connection = asyncio.create_task(self._connection_loop(first), name="mqtt-connection")
+        link = MqttLink(self.broker, LinkOptions(
+            client_id=self.client_id, available=self.topics.available, subscriptions=tuple(self.topics.subscriptions()),
+            qos=self.options.qos, keepalive=self.options.keepalive, connect_timeout=self.options.connect_timeout,
+            publish_timeout=self.options.publish_timeout, reconnect_min=self.options.reconnect_min,
+            reconnect_max=self.options.reconnect_max, fail_fast=self.options.fail_fast,
+        ), self.outbox, on_message=self._handle, on_connect=self._connected)
+        connection = asyncio.create_task(link.run(first, self._closing), name="mqtt-connection")
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({first, connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if connection.done() and connection.exception() is not None:
@@ -372,105 +294,11 @@ class Monitor:
                 log.warning("MQTT: %d messages were still waiting for the broker at shutdown", len(self.outbox))
 
     # ---- connection -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _tls_context(b: BrokerConfig) -> ssl.SSLContext | None:
-        if not b.tls:
-            return None
-        context = ssl.create_default_context(cafile=str(b.ca_file) if b.ca_file else None)
-        if b.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
-    def _client(self):
-        import aiomqtt
-
-        b, o = self.broker, self.options
-        tls_context = self._tls_context(b)
-        return aiomqtt.Client(
-            b.host, b.port, username=b.username, password=b.password, identifier=self.client_id,
-            clean_session=False,  # persistent session: the broker keeps our subscriptions and queued questions
-            will=aiomqtt.Will(self.topics.available, "offline", qos=o.qos, retain=True),
-            keepalive=o.keepalive, timeout=o.connect_timeout, tls_context=tls_context,
-            tls_insecure=True if b.tls and b.insecure else None, logger=logging.getLogger(__name__ + ".paho"),
-        )
-
-    async def _connection_loop(self, first: asyncio.Future) -> None:
-        """Connect, serve, and on any failure wait and reconnect (exponential backoff up to reconnect_max)."""
-        import aiomqtt
-
-        delay = self.options.reconnect_min
-        while not self._closing.is_set():
-            try:
-                async with self._client() as client:
-                    self.stats["connects"] += 1
-                    delay = self.options.reconnect_min
-                    log.info("MQTT: connected to %s as %s", self.broker.where, self.client_id)
-                    await client.subscribe([(t, self.options.qos) for t in self.topics.subscriptions()],
-                                           timeout=self.options.publish_timeout)
-                    await client.publish(self.topics.available, "online", qos=self.options.qos, retain=True,
-                                         timeout=self.options.publish_timeout)
-                    for stream in list(self.trackers):  # a broker that lost its retained messages gets them back
-                        self._publish_rules_state(stream)
-                    if not first.done():
-                        first.set_result(None)
-                    await self._serve(client)
-                    if self._closing.is_set():
-                        await client.publish(self.topics.available, "offline", qos=self.options.qos, retain=True,
-                                             timeout=self.options.publish_timeout)
-                        log.info("MQTT: disconnected from %s (offline published)", self.broker.where)
-                        return
-            except Exception as exc:  # MqttError above all; anything else is logged and retried the same way
-                if not isinstance(exc, aiomqtt.MqttError):
-                    log.exception("MQTT: unexpected failure of the connection")
-                reason = describe_mqtt_error(exc, self.broker)
-                if not first.done():
-                    if self.options.fail_fast:
-                        raise BrokerError(reason) from None
-                log.warning("MQTT: %s; reconnecting in %.1f s (%d messages waiting)", reason, delay, len(self.outbox))
-            if self._closing.is_set():
-                return
-            try:
-                await asyncio.wait_for(self._closing.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
-            delay = min(delay * 2, self.options.reconnect_max)
-
-    async def _serve(self, client) -> None:
-        """Read and write until the connection breaks (MqttError) or the monitor closes and the outbox is flushed."""
-        reader = asyncio.create_task(self._read(client))
-        writer = asyncio.create_task(self._write(client))
-        try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # re-raises the MqttError that broke the connection
-        finally:
-            for task in (reader, writer):
-                task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
-
-    async def _write(self, client) -> None:
-        while True:
-            if self._closing.is_set() and not len(self.outbox):
-                return
-            head = asyncio.create_task(self.outbox.head())
-            closing = asyncio.create_task(self._closing.wait())
-            await asyncio.wait({head, closing}, return_when=asyncio.FIRST_COMPLETED)
-            closing.cancel()
-            if not head.done():
-                head.cancel()
-                continue
-            message = head.result()
-            try:
-                await client.publish(message.topic, message.payload, qos=self.options.qos, retain=message.retain,
-                                     timeout=self.options.publish_timeout)
-            finally:
-                self.outbox.in_flight = None
-            self.outbox.done(message)
-
-    async def _read(self, client) -> None:
-        async for message in client.messages:
-            self._handle(str(message.topic), message.payload)
+    def _connected(self) -> None:
+        """After each (re)connect: count it, and republish the retained rule states a broker may have lost."""
+        self.stats["connects"] += 1
+        for stream in list(self.trackers):
+            self._publish_rules_state(stream)
 
     # ---- inbound ----------------------------------------------------------------------------------------------
     def _handle(self, topic: str, payload: Any) -> None:
@@ -546,12 +374,19 @@ class Monitor:
 
     async def _answer(self, stream: str, request) -> None:
         await self._check_stream(stream)
-        answer = await asyncio.to_thread(self.app.ask, request.question, streams=[stream], budget=request.budget)
+        if request.conversation is not None:
+            call = functools.partial(self.app.ask_conversation, request.conversation, request.question,
+                                     streams=[stream], budget=request.budget)
+        else:
+            call = functools.partial(self.app.ask, request.question, streams=[stream], budget=request.budget)
+        answer = await self._model(Priority.INTERACTIVE, call)
         body = answer.to_json()
         self.stats["answers"] += 1
         self._publish(self.topics.answer(stream), {
             "id": request.id, "question": request.question, "answer": answer.text, "segments": body["segments"],
             "ts": time.time(), "visual_tokens": body["visual_tokens"], "seconds": body["seconds"],
+            "conversation": request.conversation, "prefill_tokens": body["prefill_tokens"],
+            "cached_tokens": body["cached_tokens"],
         })
 
     async def _trigger(self, stream: str, request) -> None:
@@ -562,8 +397,8 @@ class Monitor:
         if last is None:
             raise VidmemError(f"stream '{stream}' holds no segments yet; nothing to look at.")
         until, since = last.end, last.end - request.window_seconds
-        answer = await asyncio.to_thread(self.app.ask, request.prompt, streams=[stream], since=since, until=until,
-                                         budget=self.options.trigger_budget)
+        answer = await self._model(Priority.INTERACTIVE, functools.partial(
+            self.app.ask, request.prompt, streams=[stream], since=since, until=until, budget=self.options.trigger_budget))
         self._triggers += 1
         start = max(since, min((p.row.start for p in answer.picks), default=since))
         event = Event(
@@ -592,6 +427,10 @@ class Monitor:
             self._install(stream, change.rule)
         self._publish_rules_state(stream)
         log.info("MQTT: rules of %s are now %s", stream, ", ".join(self.trackers.get(stream, {})) or "none")
+
+    async def _model(self, priority: Priority, call: Callable[[], Any]) -> Any:
+        """Run model work through the app's scheduler (BusyError when its queue for `priority` is full)."""
+        return await asyncio.wrap_future(self.app.scheduler.submit(priority, call))
 
     # ---- rules and scoring ------------------------------------------------------------------------------------
     def _load_rules(self) -> None:
@@ -645,57 +484,76 @@ class Monitor:
 
     async def _score_loop(self) -> None:
         while True:
-            row, image = await self._segments.get()
+            row, images = await self._segments.get()
             if row == "close":  # a source finished: end its open events once its segments are scored
-                for tracker in list(self.trackers.get(image, {}).values()):
+                for tracker in list(self.trackers.get(images, {}).values()):
                     for change in tracker.close():
                         await self._emit(change)
                 continue
             if not self.trackers.get(row.stream):
                 continue
             try:
-                await self._score(row, image)
+                await self._score(row, images)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.exception("MQTT: scoring segment %s failed", row.id)
                 self._error(f"{self.options.prefix}/{row.stream}", "internal", f"scoring a segment failed: {exc}")
 
-    async def _score(self, row, image: np.ndarray) -> None:
-        """CLIP similarity of each rule's condition with the keyframe; VLM verification of candidates if asked."""
+    async def _score(self, row, images: list[np.ndarray]) -> None:
+        """CLIP similarity of each rule's condition with every frame of the segment (its best frame counts: an
+        object seen in one of them is in the segment); VLM verification of candidates if asked."""
         trackers = list(self.trackers.get(row.stream, {}).values())
         conditions = [t.rule.condition for t in trackers]
-        image_vec, text_vecs = await asyncio.to_thread(self._embed, image, conditions)
+        image_vecs, text_vecs = await asyncio.to_thread(self._embed, images, conditions)
         self.stats["segments_scored"] += 1
         for tracker, text_vec in zip(trackers, text_vecs):
             if self.trackers.get(row.stream, {}).get(tracker.rule.id) is not tracker:
                 continue  # the rule was changed or deleted meanwhile
-            score = float(np.dot(image_vec, text_vec))
-            verified = None
+            score = float(np.max(image_vecs @ text_vec))  # (T, E) @ (E,) -> (T,): the segment's best frame
+            verified = probability = None
             if tracker.rule.verify and tracker.is_candidate(row.start, score):
-                verified = await asyncio.to_thread(self._verify, tracker.rule, row)
-            for change in tracker.observe(row.start, score, verified, end=row.end, ref=row.id):
+                try:
+                    probability = await self._model(Priority.VERIFY, functools.partial(self._verify, tracker, row))
+                except VidmemError as exc:  # busy: the segment counts as unverified
+                    log.warning("MQTT: no verification of rule %s on segment %s: %s", tracker.rule.id, row.id, exc)
+                verified = None if probability is None else probability >= 0.5
+            for change in tracker.observe(row.start, score, verified, end=row.end, ref=row.id,
+                                          probability=probability):
                 await self._emit(change)
 
-    def _embed(self, image: np.ndarray, conditions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _embed(self, images: list[np.ndarray], conditions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
         embedder = self.app.embedder
         with self._embed_lock:  # one embedder call at a time from the monitor (the ingest worker has its own)
-            image_vec = np.asarray(embedder.embed_images([image])[0], dtype=np.float32)  # (E,)
+            image_vecs = np.asarray(embedder.embed_images(images), dtype=np.float32)  # (T, E)
             missing = [c for c in dict.fromkeys(conditions) if c not in self._text_cache]
             if missing:
+                if len(self._text_cache) > 256:  # conditions come and go with rule edits: keep it bounded
+                    self._text_cache.clear()
                 for condition, vec in zip(missing, embedder.embed_texts(missing)):  # (M, E)
                     self._text_cache[condition] = np.asarray(vec, dtype=np.float32)
-        return image_vec, [self._text_cache[c] for c in conditions]
+        return image_vecs, [self._text_cache[c] for c in conditions]
 
-    def _verify(self, rule: Rule, row) -> bool:
-        """A yes/no question to the VLM restricted to the segment's time range."""
+    def event_rows(self, tracker: RuleTracker, row) -> list:
+        """The segments of the event `row` would belong to: from where the condition started holding (or `row`
+        itself) to `row`, nothing before or after, at most the newest `verify_segments`."""
+        since = tracker.span_start if tracker.span_start is not None else row.start
+        rows = [r for r in self.app.memory.segments(stream=row.stream, since=since, until=row.end)
+                if r.start >= since and r.end <= row.end]
+        return rows[-self.options.verify_segments:] or [row]
+
+    def _verify(self, tracker: RuleTracker, row) -> float | None:
+        """P(yes) of a yes/no question to the VLM over exactly the event's segments (the stretch the condition has
+        held so far, up to `row`; at most `verify_segments` of the newest), from the model's probabilities for
+        the two answers; None when it cannot be asked."""
+        from vidmem.agents.select import Level, Pick
+
         try:
-            answer = self.app.ask(VERIFY_PROMPT.format(condition=rule.condition), streams=[row.stream],
-                                  since=row.start, until=row.end, budget=self.options.verify_budget)
+            picks = [Pick(r, Level.FULL, 0.0, "verify") for r in self.event_rows(tracker, row)]
+            return yes_probability(self.app, VERIFY_PROMPT.format(condition=tracker.rule.condition), picks)
         except VidmemError as exc:
-            log.warning("MQTT: verifying rule %s on segment %s failed: %s", rule.id, row.id, exc)
-            return False
-        return answer.text.strip().lower().lstrip("\"'*").startswith("yes")
+            log.warning("MQTT: verifying rule %s on segment %s failed: %s", tracker.rule.id, row.id, exc)
+            return None
 
     # ---- sources ------------------------------------------------------------------------------------------------
     async def _ingest(self, name: str, source: Any, stop: asyncio.Event) -> None:
@@ -704,9 +562,9 @@ class Monitor:
 
         try:
             if isinstance(source, (str, Path)):
-                source = await asyncio.to_thread(open_source, str(source))
+                source = await asyncio.to_thread(open_source, str(source), backoff=self.source_backoff())
             report = await self.app.ingest(source, stream=name, options=IngestOptions(fps=self.options.fps), stop=stop,
-                                           on_segment=self.on_segment)
+                                           on_segment=self.on_segment, on_status=self.on_source_status)
             log.info("source %s finished: %d segments, %.1f s of video", name, report.segments, report.video_seconds)
         except VidmemError as exc:
             log.error("source %s failed: %s", name, exc)
@@ -714,6 +572,13 @@ class Monitor:
         finally:
             if not stop.is_set():
                 await self._segments.put(("close", name))
+
+    def source_backoff(self):
+        """How the monitor's cameras reconnect: forever, from the first connection on (a camera may be down when
+        the monitor starts), waiting at most `source_backoff_max` seconds between attempts."""
+        from vidmem.stream import Backoff
+
+        return Backoff(initial=self.options.source_backoff_min, cap=self.options.source_backoff_max, retry_first=True)
 
     # ---- outbound -----------------------------------------------------------------------------------------------
     async def _emit(self, change: EventChange, *, extra: dict | None = None) -> None:
@@ -753,7 +618,7 @@ class Monitor:
             self._snapshots[segment_id] = base64.b64encode(data).decode("ascii") if data else None
         return self._snapshots[segment_id]
 
-    def _publish(self, topic: str, payload: Any, *, retain: bool = False, event: bool = False) -> None:
+    def _publish(self, topic: str, payload: Any, retain: bool = False, *, event: bool = False) -> None:
         if not isinstance(payload, (bytes, bytearray)):
             payload = json.dumps(payload, separators=(",", ":"), allow_nan=False,
                                  default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o)).encode()
@@ -768,12 +633,32 @@ class Monitor:
         self._publish(self.topics.errors, body)
 
 
-try:  # the exception types a closing connection task may end with
-    from aiomqtt import MqttError as _MqttError
+YES_WORDS = ("yes", "Yes", " yes", " Yes", "YES")
+NO_WORDS = ("no", "No", " no", " No", "NO")
 
-    MqttErrorTypes: tuple = (_MqttError, VidmemError)
-except ImportError:  # pragma: no cover - aiomqtt is a dependency
-    MqttErrorTypes = (VidmemError,)
+
+def yes_probability(app, question: str, picks: list) -> float:
+    """P(yes) / (P(yes) + P(no)) for the first token of the answer to `question` over exactly `picks`.
+
+    The prompt is the VLM adapter's own (`prompt_embeds`: the checkpoint's chat template around the timestamped
+    evidence and the question, generation prompt included); the probabilities of the spellings of "yes" and of
+    "no" (their first tokens) are summed from the language model's logits after it. Nothing is generated or parsed.
+    """
+    import torch
+
+    vlm = app.vlm
+
+    def first_ids(words: tuple[str, ...]) -> list[int]:
+        return sorted({int(vlm.ids(w)[0]) for w in words if vlm.count_tokens(w)})
+
+    yes, no = first_ids(YES_WORDS), first_ids(NO_WORDS)
+    answerer = app.answerer
+    with answerer.lock, torch.inference_mode():
+        evidence, _ = answerer.evidence(picks, app.memory.read_tokens)
+        logits = vlm.forward(vlm.prompt_embeds(question, evidence))[0].float()  # (vocab,)
+    probs = torch.softmax(logits, dim=-1)
+    p_yes, p_no = float(probs[yes].sum()), float(probs[no].sum())
+    return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
@@ -781,24 +666,6 @@ def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-
-
-def describe_mqtt_error(exc: Exception, broker: BrokerConfig) -> str:
-    """One sentence for a connection failure: unreachable, refused credentials, not authorised, or lost."""
-    import aiomqtt
-
-    text = str(exc)
-    if isinstance(exc, aiomqtt.MqttCodeError) and getattr(exc, "rc", None) is not None:
-        rc = exc.rc
-        value = getattr(rc, "value", rc)
-        reason = str(rc) if not isinstance(rc, int) else text
-        if value in (4, 5, 134, 135):
-            who = f"user '{broker.username}'" if broker.username else "an anonymous client"
-            return f"the MQTT broker at {broker.where} refused the credentials of {who} ({reason})"
-        return f"the MQTT broker at {broker.where} refused the connection ({reason})"
-    if "Disconnected" in text or "timed out" in text.lower():
-        return f"lost the connection to the MQTT broker at {broker.where} ({text})"
-    return f"cannot reach the MQTT broker at {broker.where} ({text})"
 
 
 # ---- hookups ---------------------------------------------------------------------------------------------------
@@ -818,6 +685,9 @@ class LiveMonitor:
     def _segment(self, stream: str, row, segment) -> None:
         self.monitor.on_segment(row, segment)
 
+    def _status(self, stream: str, status) -> None:
+        self.monitor.on_source_status(stream, status)
+
     async def __aenter__(self) -> LiveMonitor:
         self.monitor.ready = asyncio.Event()
         self._task = asyncio.create_task(self.monitor.run(self._stop), name="mqtt-monitor")
@@ -827,11 +697,14 @@ class LiveMonitor:
             ready.cancel()
             self._task.result()  # raises BrokerError / ConfigError
         self.server.on_segment.append(self._segment)
+        self.server.on_status.append(self._status)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._segment in self.server.on_segment:
             self.server.on_segment.remove(self._segment)
+        if self._status in self.server.on_status:
+            self.server.on_status.remove(self._status)
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
@@ -847,53 +720,33 @@ def attach_live(server, args) -> LiveMonitor:
     return LiveMonitor(server, monitor)
 
 
-async def probe_broker(broker: BrokerConfig, options: MonitorOptions) -> None:
-    """Connect once and leave (a throwaway clean session): an unreachable broker or refused credentials raise
-    BrokerError before any model loads or the memory is touched."""
-    import aiomqtt
-
-    client = aiomqtt.Client(
-        broker.host, broker.port, username=broker.username, password=broker.password, clean_session=True,
-        timeout=options.connect_timeout, tls_context=Monitor._tls_context(broker),
-        tls_insecure=True if broker.tls and broker.insecure else None,
-    )
-    try:
-        async with client:
-            pass
-    except aiomqtt.MqttError as exc:
-        raise BrokerError(describe_mqtt_error(exc, broker)) from None
-
-
 # ---- the CLI entry point --------------------------------------------------------------------------------------
 def monitor_main(args, settings) -> int:
     """`vidmem monitor`: check everything the user gave, load the models, connect, then ingest and watch."""
     from vidmem.agents.cluster import open_app
-    from vidmem.stream import open_source
+    from vidmem.agents.service import run_service
+    from vidmem.stream import Backoff, open_source
 
     options = MonitorOptions(
         prefix=args.prefix, client_id=getattr(args, "mqtt_client_id", None),
         reconnect_max=getattr(args, "reconnect_max", 30.0) or 30.0, fps=getattr(args, "fps", 1.0) or 1.0,
+        source_backoff_max=getattr(args, "source_backoff_max", 30.0) or 30.0,
+        source_backoff_min=min(0.5, getattr(args, "source_backoff_max", 30.0) or 30.0),
     )
     ca_file, insecure = getattr(args, "mqtt_ca", None), bool(getattr(args, "mqtt_insecure", False))
     parse_mqtt_url(args.mqtt, ca_file=ca_file, insecure=insecure)  # a bad URL fails before any model loads
     rules = load_rules_file(args.rules) if args.rules else []
     specs = parse_source_args(args.source)
-    sources = {name: open_source(url) for name, url in specs.items()}  # a missing file fails here
+    backoff = Backoff(initial=min(options.source_backoff_min, options.source_backoff_max),
+                      cap=options.source_backoff_max, retry_first=True)
+    sources = {name: open_source(url, backoff=backoff) for name, url in specs.items()}  # a missing file fails here
     asyncio.run(probe_broker(parse_mqtt_url(args.mqtt, ca_file=ca_file, insecure=insecure), options))
     app = open_app(settings, address=getattr(args, "ray", None))  # --ray: on the cluster
-    try:
-        app.load_models()
-        monitor = Monitor(app, args.mqtt, prefix=options.prefix, rules=rules, sources=sources, options=options,
-                          ca_file=ca_file, insecure=insecure)
+    monitor = Monitor(app, args.mqtt, prefix=options.prefix, rules=rules, sources=sources, options=options,
+                      ca_file=ca_file, insecure=insecure)
 
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await monitor.run(stop)
+    async def main(stop: asyncio.Event) -> int:
+        await monitor.run(stop)
+        return 0
 
-        asyncio.run(main())
-    finally:
-        app.close()
-    return 0
+    return run_service(app, main, exit_process=True)

@@ -16,7 +16,6 @@ import hmac
 import ipaddress
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -75,6 +74,7 @@ class Ask:
     id: str  # echoed in the token/answer/error replies
     question: str
     budget: int  # visual-token budget
+    conversation: str | None = None  # asks in one conversation reuse the first one's evidence and kept cache
 
 
 def image_kind(data: bytes) -> str | None:
@@ -138,7 +138,12 @@ def parse_text(text: str, limits: Limits, *, counter: int = 0) -> FrameStamp | A
             qid = str(qid)
         if not isinstance(qid, str) or len(qid) > 128:
             raise LiveError("bad_message", "\"id\" must be a string of at most 128 characters")
-        return Ask(qid, question.strip(), budget)
+        conversation = message.get("conversation")
+        if isinstance(conversation, (int, float)) and not isinstance(conversation, bool):
+            conversation = str(conversation)
+        if conversation is not None and (not isinstance(conversation, str) or not 1 <= len(conversation) <= 128):
+            raise LiveError("bad_message", "\"conversation\" must be a string of 1 to 128 characters")
+        return Ask(qid, question.strip(), budget, conversation)
     if kind is None:
         raise LiveError("bad_message", "a text message needs a \"type\": \"ask\" or \"frame\"")
     raise LiveError("unknown_type", f"unknown message type {str(kind)[:40]!r}; expected \"ask\" or \"frame\"")
@@ -162,7 +167,8 @@ def answer(qid: str, result: Mapping[str, Any]) -> dict:
     return {
         "type": "answer", "id": qid, "text": result["answer"], "segments": result["segments"],
         "visual_tokens": result["visual_tokens"], "ttft_seconds": result["ttft_seconds"],
-        "seconds": result.get("seconds"),
+        "seconds": result.get("seconds"), "prefill_tokens": result.get("prefill_tokens"),
+        "cached_tokens": result.get("cached_tokens"),
     }
 
 
@@ -182,19 +188,23 @@ def event(stream: str, payload: Mapping[str, Any]) -> dict:
 
 
 # ---- handshake ----------------------------------------------------------------------------------------
-STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_STREAM = "live"
 
 
 def stream_name(query: Mapping[str, list[str]]) -> str:
-    """The stream a websocket asks for (?stream=NAME), checked; 'live' when none is given."""
+    """The stream a websocket asks for (?stream=NAME), checked by the memory's one stream-name rule
+    (`vidmem.memory.check_stream_name`), so a name accepted here is one the memory stores; 'live' when none."""
+    from vidmem.errors import ConfigError
+    from vidmem.memory.types import check_stream_name
+
     names = query.get("stream") or [DEFAULT_STREAM]
-    name = names[0]
-    if not STREAM_NAME.fullmatch(name):
+    try:
+        return check_stream_name(names[0])
+    except ConfigError:
         raise LiveError(
-            "bad_stream", "the stream name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return name
+            "bad_stream", "the stream name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or "
+                          "digit, without '..'"
+        ) from None
 
 
 def token_ok(expected: str | None, authorization: str | None, query: Mapping[str, list[str]]) -> bool:

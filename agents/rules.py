@@ -1,10 +1,18 @@
 """Watch rules and their events, with no I/O: validation, the event lifecycle, and the MQTT message formats.
 
 A rule ("a person is at the front door") is scored against each new segment of its stream (CLIP text-image
-similarity, optionally verified by a yes/no question to the VLM); `RuleTracker` turns that sequence of
-(time, score, verified) observations into Frigate-style event changes: `new` once the condition has held for
-`min_duration` seconds, `update` while it keeps holding (end time and best score grow), `end` at the first
-segment where it no longer holds, and no new event for `cooldown` seconds after an end.
+similarity over every frame of the segment, its best frame counting, optionally verified by a yes/no question to
+the VLM); `RuleTracker` turns that sequence of (time, score, verified) observations into Frigate-style event
+changes: `new` once the condition has held for `min_duration` seconds, `update` while it keeps holding (end time
+and best score grow), `end` at the first segment where it no longer holds, and no new event for `cooldown`
+seconds after an end.
+
+Holding has hysteresis: a score must reach `threshold` to start, and the condition keeps holding until the score
+drops below `exit_threshold` (lower), so one dip of noise does not end an event. Each tracker calibrates its
+scores against the stream's own recent footage: the calibrated score is the raw score minus the median raw score
+of the last `CALIBRATION_WINDOW` segments for this condition (CLIP gives every scene its own baseline similarity
+to any sentence). A rule with `calibrate: true` compares its thresholds with the calibrated score (a margin above
+the stream's baseline) and holds nothing until `CALIBRATION_MIN` segments were seen; events carry both scores.
 
 The monitor (agents/monitor.py) connects this to the memory, the models and the broker; everything here is
 plain data in, plain data out, so it is tested with controlled scores.
@@ -28,8 +36,12 @@ MAX_WINDOW_SECONDS = 3600.0  # a trigger looks at most at the last hour
 DEFAULT_WINDOW_SECONDS = 10.0  # a trigger's default look-back
 DEFAULT_TRIGGER_PROMPT = "Describe what is happening in these moments."
 
-RULE_KEYS = ("id", "condition", "threshold", "min_duration", "cooldown", "verify")
-RULE_DEFAULTS = {"threshold": 0.25, "min_duration": 0.0, "cooldown": 30.0, "verify": False}
+RULE_KEYS = ("id", "condition", "threshold", "exit_threshold", "min_duration", "cooldown", "verify", "calibrate")
+RULE_DEFAULTS = {"threshold": 0.25, "exit_threshold": None, "min_duration": 0.0, "cooldown": 30.0, "verify": False,
+                 "calibrate": False}
+HYSTERESIS = 0.02  # default gap between the enter and exit thresholds (CLIP cosine units)
+CALIBRATION_WINDOW = 512  # recent segments a tracker's baseline is taken over
+CALIBRATION_MIN = 16  # segments seen before calibrated scores exist
 
 
 # ---- rules ---------------------------------------------------------------------------------------------------
@@ -39,10 +51,16 @@ class Rule:
 
     id: str  # unique within its stream; appears in topics (vidmem/<stream>/rule/<id>/state)
     condition: str  # what to watch for, as a sentence ("a person is at the front door")
-    threshold: float = 0.25  # CLIP cosine similarity in [-1, 1] above which a segment is a candidate
+    threshold: float = 0.25  # CLIP cosine similarity in [-1, 1] at which the condition starts holding
     min_duration: float = 0.0  # seconds the condition must hold before an event opens
     cooldown: float = 30.0  # seconds after an event ends during which the rule opens no new event
-    verify: bool = False  # confirm candidates with a yes/no question to the VLM over that segment
+    verify: bool = False  # confirm candidates with a yes/no question to the VLM over the event's segments
+    exit_threshold: float | None = None  # below this the condition stops holding; None: threshold - HYSTERESIS
+    calibrate: bool = False  # thresholds apply to the calibrated score (raw minus the stream's recent baseline)
+
+    @property
+    def exit(self) -> float:
+        return self.threshold - HYSTERESIS if self.exit_threshold is None else self.exit_threshold
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,9 +93,17 @@ class Rule:
         for key, value in (("min_duration", min_duration), ("cooldown", cooldown)):
             if value < 0:
                 raise ConfigError(f"{where}: '{key}' must be zero or more seconds, got {value}.")
-        if not isinstance(values["verify"], bool):
-            raise ConfigError(f"{where}: 'verify' must be true or false, got {values['verify']!r}.")
-        return cls(rule_id, condition.strip(), threshold, min_duration, cooldown, values["verify"])
+        for key in ("verify", "calibrate"):
+            if not isinstance(values[key], bool):
+                raise ConfigError(f"{where}: '{key}' must be true or false, got {values[key]!r}.")
+        exit_threshold = values["exit_threshold"]
+        if exit_threshold is not None:
+            exit_threshold = _number(exit_threshold, f"{where}: 'exit_threshold'")
+            if not -1.0 <= exit_threshold <= threshold:
+                raise ConfigError(f"{where}: 'exit_threshold' must lie between -1 and the threshold ({threshold}), "
+                                  f"got {exit_threshold}.")
+        return cls(rule_id, condition.strip(), threshold, min_duration, cooldown, values["verify"], exit_threshold,
+                   values["calibrate"])
 
 
 def _kind(value: Any) -> str:
@@ -135,6 +161,9 @@ class Event:
     verified: bool | None  # the VLM confirmed it (None: the rule does not verify)
     description: str  # what happened, in words
     snapshot: str | None = None  # base64 JPEG of the best keyframe, filled in by the monitor
+    raw_score: float | None = None  # the best segment's raw CLIP similarity (the same as `score`)
+    calibrated_score: float | None = None  # ... minus the stream's recent baseline (None before calibration)
+    verify_probability: float | None = None  # the VLM's P(yes) / (P(yes) + P(no)) when the rule verifies
     ref: Any = None  # opaque reference to the best segment (the monitor's segment id), not published
 
     def to_json(self) -> dict:
@@ -154,6 +183,28 @@ class EventChange:
         return {"type": self.type, "event": self.event.to_json()}
 
 
+class Calibrator:
+    """The recent raw scores of one rule on one stream, and the baseline they give (their median)."""
+
+    def __init__(self, window: int = CALIBRATION_WINDOW, minimum: int = CALIBRATION_MIN) -> None:
+        from collections import deque
+
+        self.scores: deque[float] = deque(maxlen=window)
+        self.minimum = minimum
+
+    def calibrated(self, raw: float) -> float | None:
+        """`raw` against the scores seen before it; None while fewer than `minimum` were seen."""
+        if len(self.scores) < self.minimum:
+            return None
+        ordered = sorted(self.scores)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        return raw - median
+
+    def add(self, raw: float) -> None:
+        self.scores.append(raw)
+
+
 @dataclass
 class RuleTracker:
     """The event lifecycle of one rule on one stream, fed one observation per segment in time order."""
@@ -165,43 +216,70 @@ class RuleTracker:
     pending_score: float = -math.inf  # best score while pending
     pending_ref: Any = None
     pending_verified: bool | None = None
+    pending_calibrated: float | None = None
+    pending_probability: float | None = None
     last_end: float | None = None  # end time of the last event (cooldown runs from here)
     last_ts: float | None = None  # last observation, to ignore out-of-order ones
     counter: int = field(default=0)  # events opened, to keep ids unique when start times collide
+    calibrator: Calibrator = field(default_factory=Calibrator)
 
     @property
     def active(self) -> bool:
         return self.event is not None
 
+    @property
+    def holding(self) -> bool:
+        """True while the condition holds (an open event, or one waiting for min_duration)."""
+        return self.event is not None or self.pending_since is not None
+
+    @property
+    def span_start(self) -> float | None:
+        """Where the current stretch of the condition began (the open or pending event's start)."""
+        return self.event.start_time if self.event is not None else self.pending_since
+
     def in_cooldown(self, ts: float) -> bool:
         return self.event is None and self.last_end is not None and ts < self.last_end + self.rule.cooldown
 
+    def value(self, score: float) -> float | None:
+        """The score the thresholds apply to: raw, or calibrated for a rule that calibrates (None: not yet)."""
+        return self.calibrator.calibrated(score) if self.rule.calibrate else score
+
     def is_candidate(self, ts: float, score: float) -> bool:
-        """True when a verification question could change the outcome (above threshold and not in cooldown)."""
-        return score >= self.rule.threshold and not self.in_cooldown(ts)
+        """True when a verification question could change the outcome (over the threshold that applies now, not
+        in cooldown)."""
+        value = self.value(score)
+        if value is None:
+            return False
+        return value >= (self.rule.exit if self.holding else self.rule.threshold) and not self.in_cooldown(ts)
 
     def observe(self, ts: float, score: float, verified: bool | None = None, *, end: float | None = None,
-                ref: Any = None) -> list[EventChange]:
-        """Feed the segment [ts, end) with its score (and VLM verdict when the rule verifies); returns the changes.
+                ref: Any = None, probability: float | None = None) -> list[EventChange]:
+        """Feed the segment [ts, end) with its raw score (and VLM verdict when the rule verifies); returns the changes.
 
-        The condition holds when score >= threshold and the verdict is not False (a rule that verifies and got
-        no verdict counts as unverified, i.e. not holding).
+        The condition starts holding when the score that applies (raw or calibrated) reaches the threshold, keeps
+        holding while it stays at or above the exit threshold, and needs a verdict that is not False (a rule that
+        verifies and got no verdict counts as unverified, i.e. not holding).
         """
         end = ts if end is None else max(end, ts)
         if self.last_ts is not None and ts < self.last_ts:
             return []  # out of order (a restarted source): the lifecycle only moves forward in time
         self.last_ts = ts
-        holds = score >= self.rule.threshold and (verified is True if self.rule.verify else verified is not False)
+        calibrated = self.calibrator.calibrated(score)
+        self.calibrator.add(score)
+        value = calibrated if self.rule.calibrate else score
+        bar = self.rule.exit if self.holding else self.rule.threshold
+        holds = value is not None and value >= bar and (verified is True if self.rule.verify else verified is not False)
         if not holds:
             return self._false(ts)
         if self.event is not None:
-            return self._extend(end, score, verified, ref)
+            return self._extend(end, score, verified, ref, calibrated, probability)
         if self.in_cooldown(ts):
             return []
         if self.pending_since is None:
             self.pending_since, self.pending_score, self.pending_ref = ts, -math.inf, None
         if score > self.pending_score:
             self.pending_score, self.pending_ref, self.pending_verified = score, ref, verified
+            self.pending_calibrated, self.pending_probability = calibrated, probability
         if end - self.pending_since < self.rule.min_duration:
             return []
         return [self._open(end)]
@@ -221,17 +299,24 @@ class RuleTracker:
             stream=self.stream, rule=self.rule.id, start_time=start, end_time=end, score=round(self.pending_score, 4),
             verified=self.pending_verified if self.rule.verify else None,
             description=f"{self.rule.condition} (similarity {self.pending_score:.2f})", ref=self.pending_ref,
+            raw_score=round(self.pending_score, 4), calibrated_score=_round(self.pending_calibrated),
+            verify_probability=_round(self.pending_probability) if self.rule.verify else None,
         )
         self.pending_since = None
         return EventChange("new", self.event)
 
-    def _extend(self, end: float, score: float, verified: bool | None, ref: Any) -> list[EventChange]:
+    def _extend(self, end: float, score: float, verified: bool | None, ref: Any, calibrated: float | None,
+                probability: float | None) -> list[EventChange]:
         event = self.event
         better = score > event.score
         self.event = replace(
             event, end_time=max(event.end_time or end, end), score=round(max(score, event.score), 4),
             ref=ref if better else event.ref, verified=(event.verified or verified) if self.rule.verify else None,
             description=f"{self.rule.condition} (similarity {max(score, event.score):.2f})",
+            raw_score=round(max(score, event.score), 4),
+            calibrated_score=_round(calibrated) if better else event.calibrated_score,
+            verify_probability=(_round(probability) if better and probability is not None else event.verify_probability)
+            if self.rule.verify else None,
         )
         return [EventChange("update", self.event)] if self.event != event else []
 
@@ -246,6 +331,10 @@ class RuleTracker:
         self.event = None
         self.last_end = end_time
         return EventChange("end", ended)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 # ---- MQTT messages --------------------------------------------------------------------------------------------
@@ -284,6 +373,10 @@ class Topics:
 
     def state(self, stream: str, rule_id: str) -> str:
         return f"{self.prefix}/{stream}/rule/{rule_id}/state"
+
+    def source_state(self, stream: str) -> str:
+        """Retained: what the stream's source is doing (`{"state": "live" | "reconnecting" | "ended", ...}`)."""
+        return f"{self.prefix}/{stream}/state"
 
     def object_id(self, stream: str, rule_id: str) -> str:
         return re.sub(r"[^A-Za-z0-9_-]", "_", f"{self.prefix}_{stream}_{rule_id}")
@@ -327,6 +420,7 @@ class AskRequest:
     id: str | None  # echoed in the answer; None for a plain-text question
     question: str  # the question
     budget: int  # visual-token budget
+    conversation: str | None = None  # asks in one conversation reuse the first one's evidence and kept cache
 
 
 @dataclass(frozen=True)
@@ -368,7 +462,7 @@ def _check_keys(data: dict, allowed: tuple[str, ...], what: str) -> None:
 
 
 def parse_ask(text: str, *, default_budget: int = 6000) -> AskRequest:
-    """An ask payload: JSON {"id", "question", "budget"} or a plain-text question."""
+    """An ask payload: JSON {"id", "question", "budget", "conversation"} or a plain-text question."""
     stripped = text.strip()
     if not stripped.startswith(("{", "[")):
         if not stripped:
@@ -377,7 +471,7 @@ def parse_ask(text: str, *, default_budget: int = 6000) -> AskRequest:
             raise ProtocolError(f"the question is longer than {MAX_QUESTION_CHARS} characters.")
         return AskRequest(None, stripped, default_budget)
     data = _json_object(stripped, "ask")
-    _check_keys(data, ("id", "question", "budget"), "ask")
+    _check_keys(data, ("id", "question", "budget", "conversation"), "ask")
     request_id = _request_id(data, "ask")
     question = data.get("question")
     if not isinstance(question, str) or not question.strip():
@@ -387,7 +481,10 @@ def parse_ask(text: str, *, default_budget: int = 6000) -> AskRequest:
     budget = data.get("budget", default_budget)
     if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= MAX_BUDGET:
         raise ProtocolError(f"the ask payload's 'budget' must be a whole number of visual tokens from 1 to {MAX_BUDGET}, got {budget!r}.")
-    return AskRequest(request_id, question.strip(), budget)
+    conversation = data.get("conversation")
+    if conversation is not None and (not isinstance(conversation, str) or not 1 <= len(conversation) <= 128):
+        raise ProtocolError(f"the ask payload's 'conversation' must be a string of 1 to 128 characters, got {conversation!r}.")
+    return AskRequest(request_id, question.strip(), budget, conversation)
 
 
 def parse_trigger(text: str) -> TriggerRequest:

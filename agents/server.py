@@ -15,7 +15,6 @@ import asyncio
 import functools
 import json
 import logging
-import signal
 import sys
 import time
 from collections import deque
@@ -86,7 +85,6 @@ class StreamState:
     report: Any = None  # the ingest loop's IngestReport once it ended
     failed: str | None = None  # why the ingest loop stopped, when it failed
     closing: bool = False
-    refresh_queued: bool = False  # a refresh of the kept live KV cache is waiting for the answer worker
 
     def figures(self) -> dict:
         """Frame accounting: received = stored + dropped, where stored counts frames the ingest loop took.
@@ -103,6 +101,7 @@ class StreamState:
             "segments": report.segments if report is not None else self.segments,
             "in_segments": report.frames if report is not None else self.frames_stored,
             "finished": report is not None, "failed": self.failed,
+            "source": self.source.status.to_json() if hasattr(self.source, "status") else None,
         }
 
 
@@ -131,6 +130,8 @@ class LiveServer:
         self.limits = limits or Limits()
         self.ingest_options = ingest_options  # vidmem.stream.IngestOptions for live streams; None: live defaults
         self.on_segment: list[SEGMENT_CALLBACK] = []  # called on the event loop after each committed segment
+        self.stopping = False  # set by stop(): answers in progress end at their next token
+        self.on_status: list[Callable[[str, Any], None]] = []  # (stream, SourceStatus) on each change, any thread
         self.streams: dict[str, StreamState] = {}
         self.finished: deque[dict] = deque(maxlen=64)  # figures of the streams whose ingest ended, newest last
         self.clients: set[Client] = set()
@@ -141,7 +142,6 @@ class LiveServer:
         self._pages: dict[str, tuple[bytes, str]] = {}
         self._decoder: ThreadPoolExecutor | None = None
         self._answerer: ThreadPoolExecutor | None = None
-        self._refresher: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started = 0.0
 
@@ -161,13 +161,11 @@ class LiveServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._pages = {path: ((STATIC / name).read_bytes(), kind) for path, (name, kind) in PAGES.items()}
-        # Decoding JPEGs and answering are blocking; each has its own small pool so neither starves the other
-        # nor the ingest loop's worker thread.
+        # Decoding JPEGs and reading the memory are blocking; each has its own small pool so neither starves the
+        # other nor the ingest loop's worker thread. Model work (answers, live refreshes) goes through the app's
+        # scheduler: questions first, refreshes coalesced per stream.
         self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vidmem-decode")
         self._answerer = ThreadPoolExecutor(max_workers=self.limits.answer_workers, thread_name_prefix="vidmem-answer")
-        # Live-window refreshes have their own worker so that questions never queue behind a backlog of them (the
-        # answerer's lock still serialises the model work: a question waits for one refresh at most).
-        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidmem-refresh")
         try:
             self._server = await serve(
                 self._handle, self.host, self._port,
@@ -186,6 +184,7 @@ class LiveServer:
 
     async def stop(self, *, timeout: float = 30.0) -> None:
         """Stop accepting, close every websocket, let each stream's ingest flush, then free the pools."""
+        self.stopping = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -207,7 +206,7 @@ class LiveServer:
 
     async def _shutdown_pools(self) -> None:
         """Drop queued work and wait for what is running (model work must end before the app closes its memory)."""
-        for pool in (self._decoder, self._answerer, self._refresher):
+        for pool in (self._decoder, self._answerer):
             if pool is not None:
                 await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
@@ -238,9 +237,14 @@ class LiveServer:
         return len(state.clients)
 
     def health(self) -> dict:
+        try:  # every source the memory knows of, this server's or another writer's (`vidmem monitor`)
+            sources = self.app.memory.sources()
+        except VidmemError:
+            sources = {}
         return {
             "status": "ok", "streams": [s.figures() for s in self.streams.values()], "clients": len(self.clients),
             "pending_questions": self.pending_questions, "uptime_seconds": round(time.time() - self.started, 3),
+            "sources": sources,
         }
 
     # ---- HTTP ---------------------------------------------------------------------------------------
@@ -447,12 +451,21 @@ class LiveServer:
                                                        "send frames for a few more seconds and ask again") from None
 
             def on_token(text: str) -> None:  # in the answering thread
+                if self.stopping:  # SIGTERM: end the answer at its next token rather than hold the stop up
+                    raise VidmemError("the server is stopping; the answer was cut short")
                 loop.call_soon_threadsafe(functools.partial(self._send, client, protocol.token(ask.id, text),
                                                             droppable=True))
 
-            call = functools.partial(self.app.ask, ask.question, streams=[state.name], budget=ask.budget,
-                                     on_token=on_token, live=True)
-            result = await loop.run_in_executor(self._answerer, call)
+            if ask.conversation is not None:
+                call = functools.partial(self.app.ask_conversation, ask.conversation, ask.question,
+                                         streams=[state.name], budget=ask.budget, on_token=on_token, live=True)
+            else:
+                call = functools.partial(self.app.ask, ask.question, streams=[state.name], budget=ask.budget,
+                                         on_token=on_token, live=True)
+            from vidmem.agents.scheduler import Priority
+
+            # Questions go first in the model's queue; a full queue is refused at once with a "busy" error.
+            result = await asyncio.wrap_future(self.app.scheduler.submit(Priority.INTERACTIVE, call))
             self._send(client, protocol.answer(ask.id, result.to_json()))
         except VidmemError as exc:
             self._error(client, exc, id=ask.id)
@@ -497,6 +510,7 @@ class LiveServer:
         try:
             state.report = await self.app.ingest(
                 state.source, stream=state.name, options=self._ingest_options(), on_segment=committed,
+                on_status=self._status_changed,
             )
         except asyncio.CancelledError:
             raise
@@ -519,6 +533,13 @@ class LiveServer:
             for client in list(state.clients):  # a failed stream's clients reconnect to a fresh one
                 self._spawn(client.connection.close(1011, "the stream stopped being recorded"), "vidmem-close")
 
+    def _status_changed(self, stream: str, status: Any) -> None:
+        for callback in list(self.on_status):
+            try:
+                callback(stream, status)
+            except Exception:  # one broken hook must not stop recording
+                log.exception("an on_status callback failed for stream %s", stream)
+
     def _ingest_options(self) -> Any:
         if self.ingest_options is not None:
             return self.ingest_options
@@ -540,27 +561,27 @@ class LiveServer:
                 log.exception("an on_segment callback failed for stream %s", state.name)
 
     def _refresh_live(self, state: StreamState) -> None:
-        """Extend the stream's kept KV cache with the new segment, so a question about now prefills only itself.
+        """Extend the stream's kept KV cache with the new segments, so a question about now prefills only itself.
 
-        Runs on the refresh worker (model work, serialised with answers); one refresh queued per stream at most,
-        since a refresh takes every segment committed before it starts.
+        Model work at refresh priority, after questions and verification; one refresh queued per stream at most
+        (a refresh takes every segment committed before it starts), so streams are refreshed in batches.
         """
+        from vidmem.agents.scheduler import Priority
+
         refresh = getattr(self.app, "refresh_live", None)
-        if refresh is None or not self.limits.prefill_live or state.refresh_queued or self._refresher is None:
+        if refresh is None or not self.limits.prefill_live or self.stopping:
             return
-        state.refresh_queued = True
 
         def run() -> None:
-            state.refresh_queued = False
             try:
                 refresh(state.name)
             except Exception:  # a failed refresh only costs the next question a longer prefill
                 log.warning("refreshing the live window of stream %s failed", state.name, exc_info=True)
 
         try:
-            self._refresher.submit(run)
-        except RuntimeError:  # the pool is shutting down
-            state.refresh_queued = False
+            self.app.scheduler.submit(Priority.REFRESH, run, key=("refresh", state.name))
+        except VidmemError as exc:  # busy or shutting down: the next segment asks again
+            log.debug("no refresh of stream %s now: %s", state.name, exc)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -585,9 +606,14 @@ def _response(status: int, body: bytes | str, kind: str = "text/plain; charset=u
 
 
 # ---- the CLI --------------------------------------------------------------------------------------------
-def serve_main(args: Any, settings: Any) -> int:
-    """`vidmem serve`: check the flags, load the models, serve until SIGINT or SIGTERM; returns the exit code."""
+def serve_main(args: Any, settings: Any, *, attach: Callable[[LiveServer, Any], Any] | None = None) -> int:
+    """`vidmem serve`: check the flags, load the models, serve until SIGINT or SIGTERM; returns the exit code.
+
+    `attach(server, args)`, when given, returns an async context manager run for as long as the server (the CLI
+    passes the MQTT monitor's for `--mqtt`); this module knows nothing of what it is.
+    """
     from vidmem.agents.cluster import open_app
+    from vidmem.agents.service import run_service
 
     host, port, token = args.host, args.port, args.token
     if not 0 <= port <= 65535:
@@ -596,24 +622,17 @@ def serve_main(args: Any, settings: Any) -> int:
         raise ConfigError(f"--token is required to listen on {host}, which other machines can reach; "
                           "set --token (or VIDMEM_TOKEN) or listen on 127.0.0.1")
     app = open_app(settings, address=getattr(args, "ray", None))  # --ray: on the cluster
-    try:
-        app.load_models()  # a missing model fails here, before the port is opened
-        return asyncio.run(_serve(app, args))
-    finally:
-        app.close()
+    return run_service(app, functools.partial(_serve, app, args, attach), exit_process=True)
 
 
-async def _serve(app: Any, args: Any) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+async def _serve(app: Any, args: Any, attach: Callable[[LiveServer, Any], Any] | None, stop: asyncio.Event) -> int:
     server = LiveServer(app, host=args.host, port=args.port, token=args.token)
     await server.start()
-    monitor = None
+    attached = None
     try:
-        if getattr(args, "mqtt", None):
-            monitor = await _attach_monitor(server, args)
+        if attach is not None:
+            attached = attach(server, args)
+            await attached.__aenter__()
         hint = " (add ?token=YOUR_TOKEN)" if server.token else ""
         sys.stderr.write(f"vidmem: serving {server.url}{hint}; websocket at ws://{args.host}:{server.port}{WS_PATH}"
                          f"?stream=NAME; Ctrl-C to stop\n")
@@ -621,18 +640,7 @@ async def _serve(app: Any, args: Any) -> int:
         await stop.wait()
         sys.stderr.write("vidmem: stopping\n")
     finally:
-        if monitor is not None:
-            await monitor.__aexit__(None, None, None)
+        if attached is not None:
+            await attached.__aexit__(None, None, None)
         await server.stop()
     return 0
-
-
-async def _attach_monitor(server: LiveServer, args: Any) -> Any:
-    """`--mqtt`: the MQTT monitor watches the live streams (`vidmem.agents.monitor.attach_live(server, args)`)."""
-    try:
-        from vidmem.agents.monitor import attach_live
-    except ImportError as exc:
-        raise ConfigError("--mqtt needs the MQTT monitor (vidmem.agents.monitor), which this build lacks") from exc
-    monitor = attach_live(server, args)  # an async context manager
-    await monitor.__aenter__()
-    return monitor

@@ -36,10 +36,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
-from vidmem.errors import MemoryStoreError
+from vidmem.errors import ConfigError, MemoryStoreError
+
+try:
+    import faiss
+except ImportError as exc:  # the `cpu` or the `gpu` extra brings it (never both: the wheels clash)
+    raise ConfigError("FAISS is not installed: pip install 'vidmem[cpu]', or 'vidmem[gpu]' on a CUDA machine.") from exc
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +235,9 @@ class VectorIndex:
             selected = int(np.count_nonzero(mask))
             if selected == 0:
                 return []
-            if selected <= self.options.exact_max:
+            if selected == self.count:  # the filter keeps everything (one stream, the whole range): no selector
+                scores, ids = self._plain_search(q, k)
+            elif selected <= self.options.exact_max:
                 scores, ids = self._exact(q, np.flatnonzero(mask) + lo, k)
             else:
                 if lo:
@@ -397,7 +403,13 @@ def _atomic(path: Path, write) -> None:
 class IndexSet:
     """The per-kind indexes of one memory, kept in step with SQLite through the `changes` log.
 
-    Reads go through a private read-only connection so that rebuilding never holds up the writer.
+    Reads go through a private read-only connection so that rebuilding never holds up the writer. Upkeep stays off
+    the query path: a rebuild (the log pruned past the index, too much to replay, a flat index grown past
+    `flat_max`, an IVF grown past its training) runs in a background thread with its own connection while the
+    old index keeps serving (caught up by replay where it can be), and is swapped in when done. Only an index
+    that does not exist at all is built while a search waits (there is nothing to serve meanwhile). A read-only
+    set (`persist=False`: `vidmem ask` beside a writer) never rebuilds what it can replay: the writer saves the
+    index periodically (`Memory`'s upkeep), so a reader loads it and replays the short tail.
     """
 
     def __init__(self, db: Path, folder: Path, instance: str, dims: dict[str, int], options: IndexOptions,
@@ -410,33 +422,74 @@ class IndexSet:
         self.persist = persist
         self.lock = threading.RLock()
         self.indexes: dict[str, VectorIndex] = {}
+        self.rebuilds = 0  # rebuilds done (in the foreground or the background), for tests and logs
         self._conn: sqlite3.Connection | None = None
+        self._fresh: dict[str, VectorIndex] = {}  # built in the background, waiting to be swapped in
+        self._building: dict[str, threading.Thread] = {}
+        self._closed = False
 
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, check_same_thread=False,
-                                         isolation_level=None, timeout=30)
+            self._conn = _read_connection(self.db)
         return self._conn
 
     def get(self, kind: str) -> VectorIndex:
-        """The index for `kind`, caught up with every committed change."""
+        """The index for `kind`, caught up with every committed change it can replay."""
         with self.lock:
+            fresh = self._fresh.pop(kind, None)
+            if fresh is not None:
+                self.indexes[kind] = fresh
             index = self.indexes.get(kind)
             if index is None:
                 index = VectorIndex.load(self.folder, kind, self.dims[kind], self.options, self.instance)
                 if index is None:
-                    index = self._rebuild(kind)
+                    index = self._rebuild(kind, self.conn())
                 self.indexes[kind] = index
             self._catch_up(index)
             return index
 
     def rebuild(self, kind: str) -> VectorIndex:
+        """Build `kind` afresh now (the caller waits)."""
         with self.lock:
-            self.indexes[kind] = self._rebuild(kind)
+            self._fresh.pop(kind, None)
+            self.indexes[kind] = self._rebuild(kind, self.conn())
             return self.indexes[kind]
 
-    def _rebuild(self, kind: str) -> VectorIndex:
-        conn = self.conn()
+    def rebuilding(self) -> bool:
+        """True while a background rebuild runs."""
+        with self.lock:
+            return any(t.is_alive() for t in self._building.values())
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for background rebuilds to finish (tests, benches, close)."""
+        for thread in list(self._building.values()):
+            thread.join(timeout)
+
+    def _rebuild_later(self, kind: str) -> None:
+        """Start building `kind` afresh in a background thread (once at a time); `get` swaps it in when done."""
+        with self.lock:
+            thread = self._building.get(kind)
+            if self._closed or (thread is not None and thread.is_alive()) or kind in self._fresh:
+                return
+
+            def build() -> None:
+                conn = _read_connection(self.db)
+                try:
+                    fresh = self._rebuild(kind, conn)
+                except Exception:  # noqa: BLE001 - the old index keeps serving; the next search tries again
+                    log.exception("rebuilding the %s index in the background failed", kind)
+                    return
+                finally:
+                    conn.close()
+                with self.lock:
+                    if not self._closed:
+                        self._fresh[kind] = fresh
+
+            thread = threading.Thread(target=build, name=f"vidmem-index-{kind}", daemon=True)
+            self._building[kind] = thread
+            thread.start()
+
+    def _rebuild(self, kind: str, conn: sqlite3.Connection) -> VectorIndex:
         index = VectorIndex(kind, self.dims[kind], self.options)
         conn.execute("BEGIN")  # one snapshot: the vectors read and the sequence number agree
         try:
@@ -463,25 +516,35 @@ class IndexSet:
                 _add_rows(index, rows)
                 last = rows[-1][0]
             index.applied_seq = seq
+            index.unsaved = index.count  # a fresh build is worth saving
         finally:
             conn.execute("COMMIT")
         _trim_heap()
+        self.rebuilds += 1
         log.info("rebuilt the %s index from SQLite: %d vectors", kind, index.count)
         return index
 
     def _catch_up(self, index: VectorIndex) -> None:
         conn = self.conn()
         head = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
-        if head == index.applied_seq:
-            return
-        oldest = conn.execute("SELECT MIN(seq) FROM changes").fetchone()[0]
-        if head < index.applied_seq or (oldest is not None and oldest > index.applied_seq + 1) \
-                or head - index.applied_seq > max(BATCH, index.count):
-            # The log was pruned past us, the database is older than the saved index, or so much happened that
-            # building afresh (and choosing the index type for the new size) beats replaying.
-            self.indexes[index.kind] = fresh = self._rebuild(index.kind)
-            index.__dict__.update(fresh.__dict__)
-            return
+        if head != index.applied_seq:
+            oldest = conn.execute("SELECT MIN(seq) FROM changes").fetchone()[0]
+            lost = head < index.applied_seq or (oldest is not None and oldest > index.applied_seq + 1)
+            if lost:
+                # The log was pruned past us, or the database is older than the saved index: replay cannot
+                # bring it up to date. A long-running process keeps serving the old one while a fresh one is
+                # built; a one-shot reader must answer from the present, so it builds now.
+                if self.persist and index.count:
+                    self._rebuild_later(index.kind)
+                    return
+                fresh = self._rebuild(index.kind, conn)
+                index.__dict__.update(fresh.__dict__)
+                return
+            self._replay(index, conn, head)  # idempotent and proportional to what changed
+        if index.wants_rebuild() and self.persist:
+            self._rebuild_later(index.kind)
+
+    def _replay(self, index: VectorIndex, conn: sqlite3.Connection, head: int) -> None:
         while index.applied_seq < head:
             # A vid still present in `vectors` must be in the index with its segment's current times; a vid gone
             # from `vectors` must not be: the replay is idempotent and its order does not matter.
@@ -503,9 +566,6 @@ class IndexSet:
                 index.update_times(vids[have], np.array([r[5] for r in old]), np.array([r[6] for r in old]))
             _add_rows(index, [live[v][2:] for v in vids[~have]])
             index.applied_seq = rows[-1][0] if len(rows) == BATCH else head
-        if index.wants_rebuild():
-            fresh = self._rebuild(index.kind)
-            index.__dict__.update(fresh.__dict__)
 
     def save(self) -> None:
         if not self.persist:
@@ -521,11 +581,19 @@ class IndexSet:
 
     def close(self) -> None:
         with self.lock:
+            self._closed = True
+        self.wait()
+        with self.lock:
+            self._fresh.clear()
             self.save()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
             self.indexes.clear()
+
+
+def _read_connection(db: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False, isolation_level=None, timeout=30)
 
 
 def _vecs(blobs: list[bytes], dim: int) -> np.ndarray:

@@ -82,6 +82,18 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_stream_start ON events(stream, start_time);
+CREATE TABLE IF NOT EXISTS sources (       -- what each stream's source is doing (live, reconnecting, ended)
+    stream TEXT PRIMARY KEY,
+    body TEXT NOT NULL,                    -- SourceStatus JSON
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gaps (          -- stretches a live source lost to a broken connection
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream TEXT NOT NULL,
+    start REAL NOT NULL,
+    end REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gaps_stream_start ON gaps(stream, start);
 """
 
 
@@ -94,6 +106,9 @@ def connect(db: Path, *, readonly: bool) -> sqlite3.Connection:
         else:
             conn = sqlite3.connect(db, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None)
+            # A new database returns the pages retention frees to the file system (`PRAGMA incremental_vacuum`);
+            # this only takes effect before the first table exists.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed segment survives power loss too, not only a killed process.
             conn.execute("PRAGMA synchronous=FULL")

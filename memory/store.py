@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -35,10 +36,15 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "memory.sqlite"
 CHUNK_BYTES = 64 << 20  # token chunk file size before rotation, when no byte limit asks for smaller
-MIN_CHUNK_BYTES = 1 << 20  # smallest chunk a byte limit may ask for
+MIN_CHUNK_BYTES = 256 << 10  # smallest chunk a byte limit may ask for
 CHUNKS_PER_LIMIT = 8  # a byte limit is split in this many chunks: the stream stays within 1/8 of its limit
 UNIX_EPOCH_2001 = 1e9  # seconds; end times past this are unix times, so ages count from the wall clock
-CHANGES_KEPT = 5_000_000  # change-log rows kept; an index lagging further behind rebuilds from SQLite
+CHANGES_KEPT = 5_000_000  # change-log rows kept at most; an index lagging further behind rebuilds from SQLite
+CHANGES_MIN_KEPT = 10_000  # ... and at least (an index this far behind catches up instead of rebuilding)
+GAPS_KEPT = 10_000  # recorded gaps kept per stream (the newest)
+INDEX_UPKEEP_SECONDS = 60.0  # a writer brings its index up to date and saves it this often (readers load it)
+BUDGET_HEADROOM = 0.03  # share of a disk budget kept free for the bookkeeping that grows between writes
+RETENTION_KEY = "retention"  # meta key of the memory-wide retention (default age, disk budget)
 
 _SEGMENT_COLUMNS = "s.id, t.name, s.start, s.end, s.frames, s.cut, s.tokens, s.slow, s.caption, s.views"
 
@@ -76,6 +82,8 @@ class Memory:
         self._files = tok.TokenFiles(path / "tokens", readonly=readonly)
         self._index_options = index_options
         self._indexes: IndexSet | None = None
+        self._upkeep: threading.Thread | None = None  # a writer's index upkeep in the background
+        self._upkeep_last = float("-inf")  # time.monotonic() of the last one
         self.instance = self._meta("instance") or ""
         manifest = self._meta("manifest")
         self.manifest: Manifest | None = Manifest.from_dict(json.loads(manifest)) if manifest else None
@@ -146,10 +154,19 @@ class Memory:
         self.close()
 
     def close(self) -> None:
+        upkeep = self._upkeep
+        if upkeep is not None:
+            upkeep.join()
         with self._lock:
             if isinstance(self._conn, _Closed):
                 return
             if self._indexes is not None:
+                if not self.readonly:  # leave the index current for the readers that load it
+                    try:
+                        for kind in list(self._indexes.dims):
+                            self._indexes.get(kind)
+                    except (sqlite3.Error, MemoryStoreError) as exc:
+                        log.warning("could not bring the index up to date before closing: %s", exc)
                 self._indexes.close()
             self._files.close()
             self._conn.close()
@@ -240,6 +257,7 @@ class Memory:
             incoming[rec["stream"]] = incoming.get(rec["stream"], 0) + rec["record_bytes"]
         for name, nbytes in incoming.items():
             self._make_room(name, nbytes)
+        self._enforce_budget(sum(incoming.values()))
         rows: list[SegmentRow] = []
         now = time.time()
         with self._write() as conn:
@@ -276,7 +294,33 @@ class Memory:
                 conn.execute("UPDATE streams SET chunk = ?, chunk_end = ? WHERE id = ?", (chunk, chunk_end, sid))
         for name in incoming:
             self._age_out(name)
+        self._index_upkeep_later()
         return rows
+
+    def _index_upkeep_later(self) -> None:
+        """A writer keeps the index current and saved, in the background, at most every INDEX_UPKEEP_SECONDS, so
+        readers (`vidmem ask`) load it and replay a short tail instead of rebuilding it."""
+        if self.readonly:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._upkeep_last < INDEX_UPKEEP_SECONDS or (self._upkeep is not None and self._upkeep.is_alive()):
+                return
+            self._upkeep_last = now
+
+            def upkeep() -> None:
+                try:
+                    indexes = self._index_set()
+                    if indexes is None:
+                        return
+                    for kind in list(indexes.dims):
+                        indexes.get(kind)
+                    indexes.save()
+                except (MemoryStoreError, sqlite3.Error, OSError) as exc:  # a cache: the next upkeep tries again
+                    log.warning("index upkeep of %s failed: %s", self.path, exc)
+
+            self._upkeep = threading.Thread(target=upkeep, name="vidmem-index-upkeep", daemon=True)
+            self._upkeep.start()
 
     def _prepare(self, item: dict) -> dict:
         """Check one segment and encode its record, outside any lock."""
@@ -325,7 +369,13 @@ class Memory:
         if row is None:
             cur = conn.execute("INSERT INTO streams (name, created) VALUES (?, ?)", (name, now))
             row = (cur.lastrowid, 0, 0, None)
-        return [row[0], row[1], row[2], _chunk_limit(row[3], self.chunk_bytes)]
+        limit = row[3]
+        budget = self._memory_retention(conn).max_bytes
+        if budget is not None:  # the memory's budget is shared by its streams: chunks small enough to share it
+            streams = conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0]
+            share = budget // max(1, streams)
+            limit = share if limit is None else min(limit, share)
+        return [row[0], row[1], row[2], _chunk_limit(limit, self.chunk_bytes)]
 
     def _add_vector(self, conn: sqlite3.Connection, seg_id: int, kind: str, vec: np.ndarray) -> None:
         cur = conn.execute("INSERT INTO vectors (segment_id, kind, vec) VALUES (?, ?, ?)",
@@ -429,6 +479,62 @@ class Memory:
                 params.append(float(until))
         return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
+    # -- windows for question evidence: index lookups, never a scan of the range ------------------------------
+    def span(self, *, stream: str | None = None, since: float | None = None,
+             until: float | None = None) -> tuple[float, float] | None:
+        """(first start, last end) of the segments overlapping [since, until], or None when there are none."""
+        where, params = self._range_filter(stream, since, until)
+        with self._lock:
+            first = self._conn.execute(f"SELECT s.start FROM segments s {where} ORDER BY s.start LIMIT 1",
+                                       params).fetchone()
+            if first is None:
+                return None
+            # The last end lies within the longest span of the last start: an index range, not a scan.
+            last = self._conn.execute(f"SELECT s.start FROM segments s {where} ORDER BY s.start DESC LIMIT 1",
+                                      params).fetchone()[0]
+            span = self._conn.execute("SELECT COALESCE(MAX(max_span), 0) FROM streams").fetchone()[0]
+            sep = " AND " if where else "WHERE "
+            end = self._conn.execute(f"SELECT MAX(s.end) FROM segments s {where}{sep}s.start >= ?",
+                                     [*params, last - span]).fetchone()[0]
+        return float(first[0]), float(end)
+
+    def neighbours(self, row: SegmentRow, count: int) -> list[SegmentRow]:
+        """Up to `count` segments of the same stream on each side of `row`, chronological."""
+        if count <= 0:
+            return []
+        # Plain range conditions, so the (stream, start) index serves them; ties on start are sorted out here.
+        with self._lock:
+            sid = self._stream_id(row.stream)
+            before = self._conn.execute(
+                f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id WHERE s.stream_id = ? "
+                "AND s.start <= ? ORDER BY s.start DESC, s.id DESC LIMIT ?", (sid, row.start, count + 8)).fetchall()
+            after = self._conn.execute(
+                f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id WHERE s.stream_id = ? "
+                "AND s.start >= ? ORDER BY s.start, s.id LIMIT ?", (sid, row.start, count + 8)).fetchall()
+        before = [r for r in before if r[2] < row.start or r[0] < row.id][:count]
+        after = [r for r in after if r[2] > row.start or r[0] > row.id][:count]
+        return [_row(r) for r in reversed(before)] + [_row(r) for r in after]
+
+    def spread(self, count: int, *, stream: str | None = None, since: float | None = None,
+               until: float | None = None) -> list[SegmentRow]:
+        """About `count` segments evenly spaced in time over the range: one index lookup each, whatever its length."""
+        bounds = self.span(stream=stream, since=since, until=until)
+        if bounds is None or count <= 0:
+            return []
+        lo, hi = bounds
+        where, params = self._range_filter(stream, since, until)
+        sep = " AND " if where else "WHERE "
+        sql = f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id {where}{sep}s.start >= ? " \
+              "ORDER BY s.start, s.id LIMIT 1"
+        step = (hi - lo) / count
+        out: dict[int, SegmentRow] = {}
+        with self._lock:
+            for k in range(count):
+                r = self._conn.execute(sql, [*params, lo + k * step]).fetchone()
+                if r is not None:
+                    out.setdefault(r[0], _row(r))
+        return sorted(out.values(), key=lambda r: (r.start, r.id))
+
     def last_segment(self, stream: str) -> SegmentRow | None:
         with self._lock:
             sid = self._stream_id(stream)
@@ -464,16 +570,44 @@ class Memory:
                 for r in rows]
 
     def stats(self) -> dict:
+        """Streams, segments, bytes, time covered, each source's state and gaps, and the retention in force."""
         infos = self.streams()
+        sources = self.sources()
+        with self._lock:
+            limits = {r[0]: Retention(max_age_seconds=r[1], max_bytes=r[2]) for r in
+                      self._conn.execute("SELECT name, max_age, max_bytes FROM streams")}
+            try:
+                gaps = dict(self._conn.execute("SELECT stream, COUNT(*) FROM gaps GROUP BY stream").fetchall())
+            except sqlite3.OperationalError:  # a memory from before gaps were recorded, opened read-only
+                gaps = {}
+            wide = self._memory_retention(self._conn)
+        streams = [{"name": i.name, "segments": i.segments, "bytes": i.bytes, "start": i.start, "end": i.end,
+                    "seconds": i.seconds_covered, "retention": _retention_json(limits.get(i.name, Retention())),
+                    "source": sources.get(i.name), "gaps": gaps.get(i.name, 0)} for i in infos]
         return {
             "path": str(self.path),
             "manifest": self.manifest.to_dict() if self.manifest else None,
-            "streams": [{"name": i.name, "segments": i.segments, "bytes": i.bytes, "start": i.start, "end": i.end,
-                         "seconds": i.seconds_covered} for i in infos],
+            "streams": streams,
             "segments": sum(i.segments for i in infos),
             "bytes": sum(i.bytes for i in infos),
+            "disk_bytes": self.disk_usage(),
             "seconds_covered": sum(i.seconds_covered for i in infos),
+            "retention": _retention_json(wide),
         }
+
+    def disk_usage(self) -> int:
+        """Bytes the whole memory takes on disk: token files, the database (with its WAL) and the index cache."""
+        total = 0
+        for folder in (self.path, self.path / "index"):
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            total += sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+        root = self.path / "tokens"
+        if root.is_dir():
+            total += sum(sum(self._files.chunks_on_disk(e.name).values()) for e in os.scandir(root) if e.is_dir())
+        return total
 
     def disk_bytes(self, stream: str | None = None) -> int:
         """Bytes of token files on disk (all streams, or one)."""
@@ -559,7 +693,14 @@ class Memory:
                 "extra_in_index": sorted(indexed - ids)}
 
     # -- retention ---------------------------------------------------------------------------------------
-    def set_retention(self, stream: str, retention: Retention) -> None:
+    def set_retention(self, stream: str | None, retention: Retention) -> None:
+        """Set a stream's retention, or with `stream=None` the memory's: a default age for streams without their
+        own, and a disk budget (`max_bytes`) for the whole memory directory."""
+        if stream is None:
+            with self._write() as conn:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             (RETENTION_KEY, json.dumps(_retention_json(retention))))
+            return
         name = check_stream_name(stream)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM streams WHERE name = ?", (name,)).fetchone() is None:
@@ -567,18 +708,34 @@ class Memory:
             conn.execute("UPDATE streams SET max_age = ?, max_bytes = ? WHERE name = ?",
                          (retention.max_age_seconds, retention.max_bytes, name))
 
-    def retention(self, stream: str) -> Retention:
+    def retention(self, stream: str | None = None) -> Retention:
+        """A stream's own retention, or with `stream=None` the memory's (default age, disk budget)."""
         with self._lock:
+            if stream is None:
+                return self._memory_retention(self._conn)
             row = self._conn.execute("SELECT max_age, max_bytes FROM streams WHERE name = ?", (stream,)).fetchone()
         if row is None:
             raise UnknownStreamError(f"no stream named {stream!r} in the memory at {self.path}.")
         return Retention(max_age_seconds=row[0], max_bytes=row[1])
 
+    @staticmethod
+    def _memory_retention(conn: sqlite3.Connection) -> Retention:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (RETENTION_KEY,)).fetchone()
+        if row is None:
+            return Retention()
+        body = json.loads(row[0])
+        return Retention(max_age_seconds=body.get("max_age_seconds"), max_bytes=body.get("max_bytes"))
+
     def apply_retention(self, stream: str | None = None) -> int:
-        """Enforce the retention of one stream (or all); returns how many segments were deleted."""
+        """Enforce retention: each stream's age and byte limits (one stream's, or all), then the memory's disk
+        budget, oldest footage first; the change log, gaps and events are pruned with it. Returns the segments
+        deleted."""
         self._check_writable()
         names = [stream] if stream is not None else [i.name for i in self.streams()]
-        return sum(self._age_out(name) + self._make_room(name, 0) for name in names)
+        deleted = sum(self._age_out(name) + self._make_room(name, 0) for name in names)
+        deleted += self._enforce_budget(0)
+        self.prune_logs()
+        return deleted
 
     def delete_stream(self, stream: str) -> int:
         """Delete a stream with all its segments and files; returns how many segments were deleted."""
@@ -586,15 +743,21 @@ class Memory:
             sid = self._stream_id(stream)
             deleted = self._delete_segments(conn, "stream_id = ?", (sid,))
             conn.execute("DELETE FROM streams WHERE id = ?", (sid,))
+            conn.execute("DELETE FROM sources WHERE stream = ?", (stream,))
+            conn.execute("DELETE FROM gaps WHERE stream = ?", (stream,))
         self._files.remove_stream(stream)
         return deleted
 
     def _age_out(self, name: str) -> int:
         with self._lock:
             row = self._conn.execute("SELECT id, max_age, max_span FROM streams WHERE name = ?", (name,)).fetchone()
-            if row is None or row[1] is None:
+            if row is None:
                 return 0
             sid, max_age, span = row
+            if max_age is None:
+                max_age = self._memory_retention(self._conn).max_age_seconds
+            if max_age is None:
+                return 0
             # The newest end lies within max_span of the newest start: two index lookups, not a scan.
             newest = self._conn.execute(
                 "SELECT MAX(end) FROM segments WHERE stream_id = ? AND start >= "
@@ -634,16 +797,123 @@ class Memory:
                         break
                     victims.append(c)
                     total -= sizes[c]
-                if chunk in victims:  # the active chunk goes too: new records start a fresh one
-                    self._files.seal(name, chunk, chunk_end)
-                    conn.execute("UPDATE streams SET chunk = ?, chunk_end = 0 WHERE id = ?", (chunk + 1, sid))
-                marks = ",".join("?" * len(victims))
-                deleted = self._delete_segments(conn, f"stream_id = ? AND chunk IN ({marks})", (sid, *victims))
-            for c in victims:  # rows are committed as deleted before their bytes go
-                self._files.delete_chunk(name, c)
+            deleted = self._drop_chunks(name, victims)
         if deleted:
             log.info("retention removed %d segments from stream %s to stay under %d bytes", deleted, name, max_bytes)
         return deleted
+
+    def _drop_chunks(self, name: str, victims: list[int]) -> int:
+        """Delete whole chunks of a stream (rows first, committed, then their files); returns segments deleted."""
+        with self._write() as conn:
+            row = conn.execute("SELECT id, chunk, chunk_end FROM streams WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return 0
+            sid, chunk, chunk_end = row
+            if chunk in victims:  # the active chunk goes too: new records start a fresh one
+                self._files.seal(name, chunk, chunk_end)
+                conn.execute("UPDATE streams SET chunk = ?, chunk_end = 0 WHERE id = ?", (chunk + 1, sid))
+            marks = ",".join("?" * len(victims))
+            deleted = self._delete_segments(conn, f"stream_id = ? AND chunk IN ({marks})", (sid, *victims))
+        for c in victims:  # rows are committed as deleted before their bytes go
+            self._files.delete_chunk(name, c)
+        return deleted
+
+    def _enforce_budget(self, incoming: int) -> int:
+        """Delete the memory's oldest chunks (any stream) until it fits its disk budget with `incoming` bytes more."""
+        with self._lock:
+            budget = self._memory_retention(self._conn).max_bytes
+            if budget is None:
+                return 0
+            deleted = 0
+            # Footage makes room down to a little under the budget: the database's log and the index cache
+            # grow a little between two writes, and the budget holds for them too.
+            target = int(budget * (1.0 - BUDGET_HEADROOM))
+            while self.disk_usage() + incoming > target:
+                oldest: tuple[float, str, int] | None = None
+                for info in self.streams():
+                    chunks = self._files.chunks_on_disk(info.name)
+                    if not chunks:
+                        continue
+                    first = min(chunks)
+                    # Stored first goes first: live streams are stored in time order, and recordings have no
+                    # common clock to compare their starts on.
+                    created = self._conn.execute(
+                        "SELECT MIN(s.created) FROM segments s JOIN streams t ON t.id = s.stream_id "
+                        "WHERE t.name = ? AND s.chunk = ?", (info.name, first)).fetchone()[0]
+                    key = (float("-inf") if created is None else created, info.name, first)  # orphans go first
+                    if oldest is None or key < oldest:
+                        oldest = key
+                if oldest is None:
+                    log.warning("the memory at %s takes %d bytes without any footage, over its budget of %d bytes",
+                                self.path, self.disk_usage(), budget)
+                    break
+                _, name, chunk = oldest
+                deleted += self._drop_chunks(name, [chunk])
+                self._compact()
+            if deleted:
+                log.info("retention removed %d segments to keep the memory under %d bytes", deleted, budget)
+            return deleted
+
+    def _compact(self) -> None:
+        """Give freed database pages back to the file system and fold the WAL into the database."""
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA incremental_vacuum")
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.OperationalError as exc:  # readers in other processes hold it: next time
+                log.debug("compacting %s deferred: %s", self.path, exc)
+
+    def prune_logs(self) -> None:
+        """Bound the bookkeeping tables: the change log (an index further behind rebuilds from SQLite anyway),
+        gaps older than the stream's footage or past the newest GAPS_KEPT, events older than their stream's
+        footage."""
+        with self._write() as conn:
+            head = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+            vectors = conn.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+            keep = min(CHANGES_KEPT, max(CHANGES_MIN_KEPT, vectors))
+            conn.execute("DELETE FROM changes WHERE seq <= ?", (head - keep,))
+            oldest = {}  # one (stream, start) index lookup per stream, not a scan of every segment
+            for sid, name in conn.execute("SELECT id, name FROM streams").fetchall():
+                start = conn.execute("SELECT MIN(start) FROM segments WHERE stream_id = ?", (sid,)).fetchone()[0]
+                if start is not None:
+                    oldest[name] = start
+            for name, start in oldest.items():
+                conn.execute("DELETE FROM gaps WHERE stream = ? AND end < ?", (name, start))
+                conn.execute("DELETE FROM gaps WHERE stream = ? AND id <= COALESCE((SELECT id FROM gaps WHERE "
+                             "stream = ? ORDER BY id DESC LIMIT 1 OFFSET ?), -1)", (name, name, GAPS_KEPT))
+                conn.execute("DELETE FROM events WHERE stream = ? AND start_time < ?", (name, start))
+        self._compact()
+
+    # -- sources -------------------------------------------------------------------------------------------
+    def record_source(self, stream: str, status: dict, gap: tuple[float, float] | None = None) -> None:
+        """Store what a stream's source is doing (a SourceStatus's JSON) and, when one closed, its gap."""
+        name = check_stream_name(stream)
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO sources (stream, body, updated) VALUES (?, ?, ?)",
+                         (name, json.dumps(status), time.time()))
+            if gap is not None:
+                conn.execute("INSERT INTO gaps (stream, start, end) VALUES (?, ?, ?)",
+                             (name, float(gap[0]), float(gap[1])))
+
+    def sources(self) -> dict[str, dict]:
+        """Each stream's last recorded source state, with `updated` (unix seconds)."""
+        with self._lock:
+            try:
+                rows = self._conn.execute("SELECT stream, body, updated FROM sources").fetchall()
+            except sqlite3.OperationalError:  # a memory from before source states were recorded, read-only
+                return {}
+        return {name: {**json.loads(body), "updated": round(updated, 3)} for name, body, updated in rows}
+
+    def gaps(self, stream: str | None = None) -> list[tuple[str, float, float]]:
+        """Recorded gaps (stream, start, end), oldest first."""
+        sql, params = "SELECT stream, start, end FROM gaps", ()
+        if stream is not None:
+            sql, params = sql + " WHERE stream = ?", (stream,)
+        with self._lock:
+            try:
+                return [tuple(r) for r in self._conn.execute(sql + " ORDER BY start, id", params)]
+            except sqlite3.OperationalError:
+                return []
 
     def _free_chunks(self, name: str) -> None:
         """Delete chunk files no live segment points into (all but the active chunk)."""
@@ -755,10 +1025,26 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise MemoryStoreError(f"the memory is busy or read-only: {exc}.") from exc
     try:
         yield conn
+    except sqlite3.OperationalError as exc:  # a full disk or an I/O error inside the transaction
+        _rollback(conn)
+        raise MemoryStoreError(f"the memory could not be written: {exc}.") from exc
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:  # SQLite could not grow its files: nothing of this transaction stays
+        _rollback(conn)
+        raise MemoryStoreError(f"the memory could not be written: {exc}.") from exc
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _retention_json(retention: Retention) -> dict:
+    return {"max_age_seconds": retention.max_age_seconds, "max_bytes": retention.max_bytes}
 
 
 def _chunk_limit(max_bytes: int | None, chunk_bytes: int) -> int:

@@ -3,10 +3,20 @@ from __future__ import annotations
 
 from vidmem.stream.ingest import IngestOptions, IngestReport, SegmentSink, ingest
 from vidmem.stream.shots import ShotDetector, ShotOptions, informative_frames
-from vidmem.stream.sources import CameraSource, FileSource, PushSource, Source, UrlSource, open_source
+from vidmem.stream.sources import (
+    Backoff,
+    CameraSource,
+    FileSource,
+    PushSource,
+    Source,
+    SourceStatus,
+    UrlSource,
+    open_source,
+)
 from vidmem.stream.types import Frame, Segment
 
 __all__ = [
+    "Backoff",
     "CameraSource",
     "FileSource",
     "Frame",
@@ -18,6 +28,7 @@ __all__ = [
     "ShotDetector",
     "ShotOptions",
     "Source",
+    "SourceStatus",
     "UrlSource",
     "informative_frames",
     "ingest",

@@ -6,8 +6,11 @@ A segment's time range is [first frame's time, next segment's start); the last o
 its last frame, clipped to the end of the video, so ranges are ordered, non-overlapping and inside the video.
 
 Static check (after STC's feature cache, related-work-abstracts.txt): a segment whose frames all look like the
-keyframe of the segment last stored (mean absolute difference of small grey thumbnails below a threshold) is not
-encoded again; the stored one is extended in time. The reference stays the stored segment, so slow drift adds up
+keyframe of the segment last stored is not encoded again; the stored one is extended in time. "Look like" is
+judged on small grey thumbnails, over the whole picture (mean absolute difference below `threshold`) and block by
+block (no 8x6-pixel block of the 64x36 thumbnail, about an eighth of the picture's width and a sixth of its
+height, differs by more than `block_threshold` on average): a small new object, a person at the far end of a
+hallway, changes one block a lot and the whole picture hardly at all, and must count as a change. The reference stays the stored segment, so slow drift adds up
 and is eventually stored; and after `max_seconds` of extension a fresh segment is stored anyway, so a still
 camera keeps recent evidence (and time granularity) in the memory.
 """
@@ -23,6 +26,15 @@ from vidmem.stream.types import MAX_SEGMENT_FRAMES, Frame, Segment
 
 MIN_SPAN = 1e-3  # seconds: the shortest time range a segment may have
 STATIC_THUMB = (64, 36)  # (width, height) of the grey thumbnails the static check compares
+STATIC_BLOCK = (6, 8)  # (height, width) in thumbnail pixels of the blocks compared one by one: a 6 x 8 grid
+
+
+def block_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest mean |a - b| over the blocks of two (36, 64) grey thumbnails."""
+    bh, bw = STATIC_BLOCK
+    h, w = a.shape
+    diff = np.abs(a - b).reshape(h // bh, bh, w // bw, bw)  # (rows, bh, cols, bw)
+    return float(diff.mean(axis=(1, 3)).max())
 
 
 @dataclass
@@ -92,6 +104,7 @@ class StaticCheck:
 
     threshold: float = 3.0  # mean |grey difference| (0..255) under which two frames count as the same picture
     max_seconds: float = 300.0  # a stored segment is extended over at most this long; then a fresh one is stored
+    block_threshold: float = 12.0  # ... and no block of the thumbnail may differ by this much on average
     _reference: np.ndarray | None = None  # grey thumbnail of the stored segment's keyframe
     _since: float = 0.0  # start (seconds) of the stored segment
 
@@ -99,9 +112,11 @@ class StaticCheck:
         """True when `segment` repeats the reference (it is then not stored); otherwise it becomes the reference."""
         thumbs = [grey_thumbnail(f.image) for f in segment.frames]
         ref = self._reference
-        fresh = segment.cut or "gap_before" in segment.extra or segment.end - self._since > self.max_seconds
+        fresh = (segment.cut or "gap_before" in segment.extra or segment.extra.get("motion")  # stream/motion.py
+                 or segment.end - self._since > self.max_seconds)
         if ref is not None and not fresh:
-            if all(float(np.abs(t - ref).mean()) < self.threshold for t in thumbs):
+            if all(float(np.abs(t - ref).mean()) < self.threshold and block_difference(t, ref) < self.block_threshold
+                   for t in thumbs):
                 return True
         self._reference = thumbs[0]
         self._since = segment.start

@@ -12,9 +12,15 @@ PyAV work with FFmpeg's frame threads, and never runs on the event loop:
 
 Timestamps: seconds from the start for files and for recorded HTTP video (a URL whose container declares a
 duration: it is read like a file, and a failure ends it); unix seconds for live sources, anchored on the wall
-clock at the first frame of each connection. A live URL that fails to connect at first is an error; one that
-fails mid-way is reconnected with exponential backoff, the lost stretch is recorded in `gaps` (never hidden),
-and after `max_reconnects` failed attempts in a row the source ends with `SourceError`.
+clock at the first frame of each connection. A live URL that fails to connect at first is an error (unless its
+`Backoff` says `retry_first`, as a monitor's cameras do); one that fails mid-way is reconnected with capped,
+jittered exponential backoff for as long as vidmem runs (a camera that reboots, or is gone for an hour, is
+picked up again), and the lost stretch is recorded in `gaps` (never hidden). Only a `Backoff.max_attempts`
+limit makes a live source give up, with `SourceError`.
+
+Every source reports its state (`status`, a `SourceStatus`: "connecting", "live", "reconnecting" or "ended",
+since when, failed attempts, gaps) and calls its `on_status` listeners on each change, so the memory, `/healthz`
+and MQTT's retained `<prefix>/<stream>/state` can say what each camera is doing.
 """
 from __future__ import annotations
 
@@ -23,11 +29,13 @@ import asyncio
 import io
 import logging
 import os
+import random
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,6 +55,58 @@ MAX_SIDE = 960  # pixels: decoded frames are shrunk to this longest side (the vi
 MAX_PUSHED_PIXELS = 50_000_000  # a pushed image larger than this is refused (decompression bombs)
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """How a live source waits between reconnection attempts: exponential, capped, jittered, and by default forever.
+
+    The n-th wait in a row (from 0) is drawn uniformly from [(1 - jitter) * d, d] with d = min(cap, initial * 2^n),
+    so cameras that fail together (a switch reboots) do not all knock again at the same instant.
+    """
+
+    initial: float = 0.5  # seconds before the first retry
+    cap: float = 30.0  # the longest wait between two attempts
+    jitter: float = 0.5  # share of each wait drawn at random (0: exact exponential waits)
+    max_attempts: int | None = None  # failed attempts in a row before giving up; None: never (a 24/7 camera)
+    retry_first: bool = False  # a first connection that fails is retried too (a monitor's camera may be down)
+
+    def __post_init__(self) -> None:
+        if not (self.initial > 0 and self.cap >= self.initial):
+            raise ValueError(f"backoff needs 0 < initial <= cap, not {self.initial} and {self.cap}.")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"backoff jitter is a share in [0, 1], not {self.jitter}.")
+        if self.max_attempts is not None and self.max_attempts < 0:
+            raise ValueError(f"backoff max_attempts must be at least 0, not {self.max_attempts}.")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before attempt number `attempt` (0 for the first retry)."""
+        ceiling = min(self.cap, self.initial * 2.0 ** min(attempt, 62))
+        return ceiling * (1.0 - self.jitter * (rng or random).random())
+
+
+SOURCE_STATES = ("connecting", "live", "reconnecting", "ended")
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """What a source is doing: the `<prefix>/<stream>/state` MQTT payload, a `/healthz` and `vidmem stats` entry."""
+
+    state: str = "connecting"  # one of SOURCE_STATES
+    since: float = field(default_factory=time.time)  # unix seconds the state began
+    attempts: int = 0  # failed reconnection attempts in the current outage
+    gaps: int = 0  # outages so far
+    gap_seconds: float = 0.0  # seconds lost to them
+    reconnects: int = 0  # successful reconnections
+    error: str | None = None  # why the connection was lost (or why the source ended)
+    new_gap: tuple[float, float] | None = None  # set on the change that closes an outage: (start, end) seconds
+
+    def to_json(self) -> dict:
+        return {"state": self.state, "since": round(self.since, 3), "attempts": self.attempts, "gaps": self.gaps,
+                "gap_seconds": round(self.gap_seconds, 3), "reconnects": self.reconnects, "error": self.error}
+
+
+StatusListener = Callable[[SourceStatus], None]
+
+
 class Source(abc.ABC):
     """A stream of decoded frames."""
 
@@ -55,6 +115,33 @@ class Source(abc.ABC):
     duration: float | None = None  # seconds, when known (files)
     dropped: int = 0  # frames dropped because the consumer was behind
     gaps: list[tuple[float, float]]  # (start, end) seconds lost to a broken connection
+    status: SourceStatus
+    on_status: list[StatusListener]  # called on each state change, from the thread that made it: keep them quick
+
+    def _init_status(self) -> None:
+        self.status = SourceStatus()
+        self.on_status = []
+        self._status_lock = threading.Lock()
+
+    def _set_status(self, state: str, *, error: str | None = None, attempts: int = 0,
+                    new_gap: tuple[float, float] | None = None, reconnected: bool = False) -> None:
+        """Record a state change and tell the listeners (a listener that fails is logged, never raised)."""
+        with self._status_lock:
+            old = self.status
+            if old.state == "ended":
+                return
+            gaps, gap_seconds = old.gaps, old.gap_seconds
+            if new_gap is not None:
+                gaps, gap_seconds = gaps + 1, gap_seconds + max(0.0, new_gap[1] - new_gap[0])
+            since = old.since if state == old.state else time.time()
+            self.status = status = SourceStatus(state=state, since=since, attempts=attempts, gaps=gaps,
+                                                gap_seconds=gap_seconds, reconnects=old.reconnects + int(reconnected),
+                                                error=error, new_gap=new_gap)
+        for listener in list(self.on_status):
+            try:
+                listener(status)
+            except Exception:
+                logger.exception("a status listener of %s failed", self.name)
 
     @abc.abstractmethod
     def frames(self) -> AsyncIterator[Frame]:
@@ -84,6 +171,7 @@ class FileSource(Source):
         self.max_side = max_side
         self.name = str(p)
         self.gaps = []
+        self._init_status()
         if not p.exists():
             raise SourceError(f"Video file not found: {p}.")
         if not p.is_file():
@@ -123,10 +211,16 @@ class FileSource(Source):
         # One chunk is decoded ahead while the consumer works on the last: decoding and analysis overlap on two
         # cores, and a slow consumer still stops decoding after one chunk (backpressure, nothing dropped).
         ahead = asyncio.ensure_future(asyncio.to_thread(self._decode_chunk, FILE_CHUNK))
+        self._set_status("live")
         try:
             while True:
-                chunk = await ahead
+                try:
+                    chunk = await ahead
+                except SourceError as exc:
+                    self._set_status("ended", error=str(exc))
+                    raise
                 if not chunk:
+                    self._set_status("ended")
                     return
                 ahead = asyncio.ensure_future(asyncio.to_thread(self._decode_chunk, FILE_CHUNK))
                 for frame in chunk:
@@ -144,6 +238,7 @@ class FileSource(Source):
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._close)
+        self._set_status("ended", error=self.status.error)
 
 
 def _consume(future: asyncio.Future) -> None:
@@ -157,16 +252,16 @@ class _LiveSource(Source):
 
     live = True
 
-    def __init__(self, *, max_pending: int = LIVE_QUEUE, max_reconnects: int | None = 5, backoff: float = 0.5,
-                 max_backoff: float = 30.0, max_side: int | None = MAX_SIDE) -> None:
+    def __init__(self, *, max_pending: int = LIVE_QUEUE, backoff: Backoff | None = None,
+                 max_side: int | None = MAX_SIDE) -> None:
         self.gaps = []
         self.max_side = max_side
         self.dropped = 0
-        self.reconnects = 0  # successful reconnections
+        self.backoff = backoff or Backoff()
+        self.attempts_total = 0  # failed reconnection attempts over the source's life
+        self._init_status()
+        self._rng = random.Random()
         self._max_pending = max_pending
-        self._max_reconnects = max_reconnects  # failed attempts in a row before giving up; None: never give up
-        self._backoff = backoff  # seconds before the first retry; doubles up to max_backoff
-        self._max_backoff = max_backoff
         self._stop = threading.Event()
         self._slots = threading.Semaphore(max_pending)  # recorded URLs: frames in flight (backpressure, no drops)
         self._thread: threading.Thread | None = None
@@ -199,71 +294,122 @@ class _LiveSource(Source):
         """Reader thread: connect, decode, deliver; reconnect with backoff; end with None or a SourceError."""
         try:
             self._read_all()
+            self._set_status("ended")
             self._send(None)
         except SourceError as exc:
+            self._set_status("ended", error=str(exc))
             self._send(exc)
         except Exception as exc:  # a bug or an unexpected library error must not hang the consumer
             logger.exception("reader thread for %s failed", self.name)
+            self._set_status("ended", error=f"internal error: {exc}")
             self._send(SourceError(f"Video source {self.name} failed: {exc}."))
 
+    @property
+    def reconnects(self) -> int:
+        """Successful reconnections so far."""
+        return self.status.reconnects
+
+    def _connect_first(self) -> av.container.InputContainer:
+        """The first connection: an error unless the backoff retries it (then it waits like a reconnection)."""
+        attempts = 0
+        while True:
+            try:
+                return self._open()
+            except SourceError as exc:
+                limit = self.backoff.max_attempts
+                if not self.backoff.retry_first or (limit is not None and attempts >= limit):
+                    self._set_status("ended", error=str(exc))
+                    raise
+                self.attempts_total += 1
+                self._set_status("reconnecting", error=str(exc), attempts=attempts + 1)
+                logger.warning("%s: connection attempt %d failed: %s", self.name, attempts + 1, exc)
+                if self._stop.wait(self.backoff.delay(attempts, self._rng)):
+                    raise SourceError(f"Video source {self.name} was stopped before it connected.") from exc
+                attempts += 1
+
     def _read_all(self) -> None:
-        container = self._open()  # the first connection failing is an error: nothing to reconnect to
+        try:
+            container = self._connect_first()  # without retry_first, failing here is an error: nothing to go back to
+        except SourceError:
+            if self._stop.is_set():
+                return
+            raise
         failures = 0
         last_ts: float | None = None
         gap_start: float | None = None  # set while a lost stretch awaits its first frame after reconnecting
         step = 0.04  # seconds between the last two frames: how long the last frame lasts
-        while not self._stop.is_set():
-            recorded = self._recorded(container)
-            if recorded:
-                self.live = False
-                stream = container.streams.video[0]
-                self.duration = decode.stream_duration(container, stream, decode.stream_clock(container, stream).origin)
-            error: SourceError | None = None
-            try:
-                for frame in self._decode_connection(container, recorded, not_before=gap_start):
-                    if self._stop.is_set():
-                        return
-                    failures = 0
-                    if gap_start is not None:
-                        self._send((gap_start, frame.ts))  # in order with the frames: the consumer records it
-                        gap_start = None
-                    elif last_ts is not None and frame.ts > last_ts:
-                        step = frame.ts - last_ts
-                    last_ts = frame.ts
-                    if recorded:  # a recording waits for the consumer instead of dropping
-                        while not self._slots.acquire(timeout=0.2):
-                            if self._stop.is_set():
-                                return
-                    self._send(frame)
-            except SourceError as exc:
-                error = exc
-            finally:
-                container.close()
-            if recorded or self._stop.is_set():
-                if error is not None:
-                    raise error
-                return
-            # A live stream ended or failed: reconnect with exponential backoff; the gap is recorded when
-            # frames flow again (or when giving up).
-            if gap_start is None:  # the lost stretch begins where the last frame ends
-                gap_start = last_ts + step if last_ts is not None else time.time()
-            logger.warning("%s: %s; reconnecting", self.name, error or "stream ended")
+        error: SourceError | None = None
+        try:
             while not self._stop.is_set():
-                if self._max_reconnects is not None and failures >= self._max_reconnects:
-                    self._send((gap_start, max(gap_start, time.time())))
-                    raise SourceError(f"Video source {self.name} was lost and {failures} reconnection attempts "
-                                      f"failed.") from error
-                delay = min(self._max_backoff, self._backoff * 2 ** failures)
-                failures += 1
-                if self._stop.wait(delay):
-                    return
+                recorded = self._recorded(container)
+                if recorded:
+                    self.live = False
+                    stream = container.streams.video[0]
+                    self.duration = decode.stream_duration(container, stream,
+                                                           decode.stream_clock(container, stream).origin)
+                error = None
                 try:
-                    container = self._open()
+                    for frame in self._decode_connection(container, recorded, not_before=gap_start):
+                        if self._stop.is_set():
+                            return
+                        if gap_start is not None:
+                            gap = (gap_start, frame.ts)
+                            self._send(gap)  # in order with the frames: the consumer records it
+                            self._set_status("live", new_gap=gap, reconnected=True)
+                            gap_start = None
+                        else:
+                            if self.status.state != "live":
+                                self._set_status("live")
+                            if last_ts is not None and frame.ts > last_ts:
+                                step = frame.ts - last_ts
+                        last_ts = frame.ts
+                        if recorded:  # a recording waits for the consumer instead of dropping
+                            while not self._slots.acquire(timeout=0.2):
+                                if self._stop.is_set():
+                                    return
+                        self._send(frame)
                 except SourceError as exc:
-                    logger.warning("%s: reconnection %d failed: %s", self.name, failures, exc)
-                    continue
-                self.reconnects += 1
-                break
+                    error = exc
+                finally:
+                    container.close()
+                if recorded or self._stop.is_set():
+                    if error is not None:
+                        raise error
+                    return
+                # A live stream ended or failed: reconnect with capped, jittered backoff for as long as it takes;
+                # the gap is recorded when frames flow again (or when stopped or giving up).
+                if gap_start is None:  # the lost stretch begins where the last frame ends
+                    gap_start = last_ts + step if last_ts is not None else time.time()
+                reason = str(error) if error is not None else "the stream ended"
+                logger.warning("%s: %s; reconnecting", self.name, reason)
+                self._set_status("reconnecting", error=reason, attempts=failures)
+                container = self._reconnect(reason)
+                if container is None:
+                    return
+        finally:
+            if gap_start is not None:  # stopped (or gave up) during an outage: it lasted until now
+                gap = (gap_start, max(gap_start, time.time()))
+                self._send(gap)
+                self._set_status("ended", error=self.status.error, new_gap=gap)
+
+    def _reconnect(self, reason: str) -> av.container.InputContainer | None:
+        """Knock until the source answers (None when stopped); SourceError only past `Backoff.max_attempts`."""
+        limit = self.backoff.max_attempts
+        failures = 0
+        while not self._stop.is_set():
+            if limit is not None and failures >= limit:
+                raise SourceError(f"Video source {self.name} was lost ({reason}) and {failures} reconnection "
+                                  f"attempts failed.")
+            if self._stop.wait(self.backoff.delay(failures, self._rng)):
+                return None
+            try:
+                return self._open()
+            except SourceError as exc:
+                failures += 1
+                self.attempts_total += 1
+                self._set_status("reconnecting", error=str(exc), attempts=failures)
+                logger.warning("%s: reconnection %d failed: %s", self.name, failures, exc)
+        return None
 
     def _decode_connection(self, container: av.container.InputContainer, recorded: bool, *,
                            not_before: float | None = None) -> Iterator[Frame]:
@@ -310,6 +456,7 @@ class _LiveSource(Source):
         if thread is not None and thread.is_alive():
             # The reader notices the stop flag after its current frame or read timeout.
             await asyncio.to_thread(thread.join, 30.0)
+        self._set_status("ended", error=self.status.error)
 
 
 def public_url(url: str) -> str:
@@ -380,6 +527,8 @@ class PushSource(Source):
     def __init__(self, name: str, *, max_pending: int = 8) -> None:
         self.name = name
         self.gaps = []
+        self._init_status()
+        self._set_status("live")
         self.received = 0  # frames pushed, dropped or not
         self.dropped = 0
         self._max_pending = max_pending
@@ -416,6 +565,7 @@ class PushSource(Source):
         """End `frames()` once the pending frames are consumed."""
         self._closed = True
         self._wake.set()
+        self._set_status("ended")
 
     async def frames(self) -> AsyncIterator[Frame]:
         while True:
@@ -450,25 +600,30 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def open_source(spec: str | os.PathLike[str], *, open_timeout: float = 10.0, read_timeout: float = 10.0,
-                max_reconnects: int | None = 5, max_side: int | None = MAX_SIDE) -> Source:
+                max_reconnects: int | None = None, backoff: Backoff | None = None,
+                max_side: int | None = MAX_SIDE) -> Source:
     """A source for a file path, a network URL, or a camera (`/dev/video0`, `camera:0`).
 
     A file is opened (and so checked) right away: missing, empty or non-video files raise SourceError here.
     A URL or camera connects when `frames()` is first iterated, in a thread, within `open_timeout` seconds.
-    `max_reconnects`: failed reconnection attempts in a row before a live source gives up (None: never; a
-    24/7 monitor wants that); the backoff doubles from 0.5 s up to 30 s.
+    `backoff`: how a live source waits between reconnections (default: from 0.5 s doubling to 30 s, jittered,
+    forever); `max_reconnects` is a shorthand for `Backoff(max_attempts=...)` (failed attempts in a row before
+    the source gives up with SourceError).
     `max_side`: frames are shrunk to this longest side while decoding (None keeps the full size).
     """
+    policy = backoff or Backoff()
+    if max_reconnects is not None:
+        policy = replace(policy, max_attempts=max_reconnects)
     text = os.fspath(spec)
     scheme = urlsplit(text).scheme.lower() if "://" in text else ""
     if scheme in NETWORK_SCHEMES:
-        return UrlSource(text, open_timeout=open_timeout, read_timeout=read_timeout, max_reconnects=max_reconnects,
+        return UrlSource(text, open_timeout=open_timeout, read_timeout=read_timeout, backoff=policy,
                          max_side=max_side)
     if scheme == "file":
         return FileSource(urlsplit(text).path, max_side=max_side)
     if scheme:
         raise SourceError(f"Unsupported video source scheme {scheme}:// in {public_url(text)}.")
     if text.startswith("camera:") or text.startswith("/dev/video"):
-        return CameraSource(text, open_timeout=open_timeout, read_timeout=read_timeout,
-                            max_reconnects=max_reconnects, max_side=max_side)
+        return CameraSource(text, open_timeout=open_timeout, read_timeout=read_timeout, backoff=policy,
+                            max_side=max_side)
     return FileSource(text, max_side=max_side)

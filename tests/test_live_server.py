@@ -117,8 +117,9 @@ def finished(live, stream: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def live(tiny_models, tmp_path_factory):
-    settings = Settings(memory=tmp_path_factory.mktemp("live") / "memory", model=str(tiny_models.llava),
+def live(tiny_models, talking_llava, tmp_path_factory):
+    # a model taught to describe footage, so a question streams tokens (random weights stop at once)
+    settings = Settings(memory=tmp_path_factory.mktemp("live") / "memory", model=str(talking_llava),
                         embedder=str(tiny_models.clip), device="cpu", max_new_tokens=12)
     app = Vidmem(settings)
     app.load_models()
@@ -168,6 +169,36 @@ def test_frames_in_then_a_question_streams_tokens_and_an_answer_citing_the_time_
     assert figures["received"] == len(frames) == figures["stored"] + figures["dropped"]
     rows = live.app.memory.segments(stream="pool")
     assert rows and rows[0].start >= first - 1e-3 and rows[-1].end <= last + 1 / SAMPLE_FPS + 1e-3
+
+
+def test_a_follow_up_in_a_conversation_reuses_the_kept_cache(live, frames):
+    base = time.time() - 30
+
+    async def scenario():
+        async with connect(ws_url(live.server, "talk")) as ws:
+            await send_frames(ws, frames[:8], base)
+            await ack_with(ws, 8)
+            answers = []
+            for qid, question in (("c1", "What is happening?"), ("c2", "And what colour is it?")):
+                await ws.send(json.dumps({"type": "ask", "id": qid, "question": question, "budget": 2000,
+                                          "conversation": "kitchen-chat"}))
+                answers.append(await next_of(ws, "answer"))
+            await ws.send(json.dumps({"type": "ask", "id": "solo", "question": "Anything new?", "budget": 2000}))
+            answers.append(await next_of(ws, "answer"))
+            await ws.send(json.dumps({"type": "ask", "id": "bad", "question": "x", "conversation": ["no"]}))
+            error = await next_of(ws, "error")
+            return answers, error
+
+    (first, follow_up, solo), error = asyncio.run(scenario())
+    assert first["cached_tokens"] == 0 and first["prefill_tokens"] > 0  # the first question builds the cache
+    assert follow_up["cached_tokens"] > 0  # the follow-up reuses it ...
+    assert follow_up["cached_tokens"] < first["prefill_tokens"]  # head + evidence, without the first question
+    assert follow_up["prefill_tokens"] < first["prefill_tokens"]  # ... and prefills only itself
+    assert follow_up["segments"] == first["segments"]  # on the same evidence
+    assert {"prefill_tokens", "cached_tokens"} <= set(solo)  # the contract's fields on every answer
+    assert error["code"] == "bad_message" and "conversation" in error["message"]
+    health = live.thread.run(live.server.health)  # /healthz reports each source's state, as recorded
+    assert health["sources"]["talk"]["state"] in ("live", "ended")
 
 
 def test_bad_messages_each_get_an_error_and_the_connection_keeps_serving(live, frames):
@@ -263,6 +294,22 @@ def test_a_missing_or_wrong_token_is_refused_at_the_handshake(live):
         ]
 
     assert asyncio.run(scenario()) == [401, 401, 401, 101, 101]
+
+
+def test_the_handshake_applies_the_memorys_stream_name_rule(live):
+    async def status(name: str) -> int:
+        try:
+            async with connect(ws_url(live.server, name)) as ws:
+                await next_of(ws, "ack")
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def scenario():
+        return [await status(name) for name in ("a..b", ".hidden", "cam.1", "x" * 65)]
+
+    # 'a..b' once passed the handshake and then failed at its first commit; now one rule decides everywhere
+    assert asyncio.run(scenario()) == [400, 400, 101, 400]
 
 
 def test_the_page_and_the_health_check_are_served_over_http(live):

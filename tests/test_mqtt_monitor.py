@@ -192,6 +192,10 @@ def test_monitor_process_serves_questions_triggers_rules_and_leaves_a_last_will(
                 assert base64.b64decode(first["snapshot"])[:2] == b"\xff\xd8"  # a JPEG keyframe
                 assert w.events(rule="anything")[-1]["event"]["end_time"] == pytest.approx(10.0, abs=0.5)
                 assert w.on("vidmem/cam/rule/anything/state")[-1] == "OFF"
+                # the source's state, retained: read while the file played, ended after its last frame
+                states = [m["state"] for m in w.on("vidmem/cam/state")]
+                assert "live" in states and states[-1] == "ended", states
+                assert json.loads(await retained(broker.port, "vidmem/cam/state"))["state"] == "ended"
                 config = w.on("homeassistant/binary_sensor/vidmem_cam_anything/config")[-1]
                 assert config["state_topic"] == "vidmem/cam/rule/anything/state"
                 assert config["availability_topic"] == "vidmem/available"
@@ -375,6 +379,39 @@ def test_events_during_a_broker_outage_are_delivered_after_reconnect(tmp_path, b
     ends = [m["event"]["end_time"] for m in received]
     assert ends == sorted(ends) and ends[-1] == pytest.approx(segments[-1].end)
     assert len({m["event"]["id"] for m in received}) == 1
+
+
+def test_a_camera_down_at_start_is_waited_for_and_its_state_published_retained(tmp_path, broker, tiny_models):
+    """`vidmem monitor --source door=URL` with the camera off: the monitor keeps knocking (never giving up) and
+    says so on `vidmem/door/state`, retained, so a dashboard that connects later sees it too."""
+    port = free_port()
+    app = Vidmem(settings(tmp_path, tiny_models))
+    options = MonitorOptions(source_backoff_min=0.05, source_backoff_max=0.2)
+    monitor = Monitor(app, broker.url(), sources={"door": f"http://127.0.0.1:{port}/cam.ts"}, options=options)
+
+    async def scenario() -> dict:
+        stop = asyncio.Event()
+        task = asyncio.create_task(monitor.run(stop))
+        try:
+            await asyncio.wait_for(_ready(monitor), 60)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                body = await retained(broker.port, "vidmem/door/state")
+                if body and json.loads(body)["attempts"] > 5:
+                    return json.loads(body)
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"no retained reconnecting state with more than 5 attempts: {body}")
+        finally:
+            stop.set()
+            await task
+
+    try:
+        state = asyncio.run(scenario())
+        recorded = app.memory.sources()["door"]
+    finally:
+        app.close()
+    assert state["state"] == "reconnecting" and "refused" in state["error"].lower(), state
+    assert recorded["state"] == "ended"  # stopped by us, recorded in the memory for `vidmem stats`
 
 
 # ---- credentials ---------------------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def test_event_json_matches_the_mqtt_contract():
     body = json.loads(json.dumps(change.to_json()))
     assert body["type"] == "new"
     assert set(body["event"]) == {"id", "stream", "rule", "start_time", "end_time", "score", "verified",
-                                  "description", "snapshot"}
+                                  "description", "snapshot",  # the contract
+                                  "raw_score", "calibrated_score", "verify_probability"}  # extensions
     assert body["event"]["stream"] == "front" and body["event"]["rule"] == "door" and body["event"]["snapshot"] is None
 
 
@@ -169,3 +170,33 @@ def test_topics_and_home_assistant_discovery():
     assert topics.discovery_config("front", "door") == "homeassistant/binary_sensor/vidmem_front_door/config"
     assert config["state_topic"] == "vidmem/front/rule/door/state"
     assert config["availability_topic"] == "vidmem/available"
+
+
+# ---- hysteresis and calibration -------------------------------------------------------------------------------
+def test_hysteresis_rides_out_a_dip_between_the_enter_and_exit_thresholds():
+    t = tracker(threshold=0.3, exit_threshold=0.2)
+    # 0.25 is under the enter threshold but over the exit one: an open event survives it, a closed one waits
+    assert feed(t, [0.25, 0.35, 0.25, 0.22, 0.35, 0.1]) == [(1.0, "new"), (2.0, "update"), (3.0, "update"),
+                                                          (4.0, "update"), (5.0, "end")]
+    plain = tracker(threshold=0.3, exit_threshold=0.3)
+    assert feed(plain, [0.25, 0.35, 0.25, 0.35]) == [(1.0, "new"), (2.0, "end"), (3.0, "new")]
+
+
+def test_exit_threshold_defaults_below_the_threshold_and_may_not_exceed_it():
+    assert Rule.from_dict({"id": "a", "condition": "x", "threshold": 0.3}).exit == pytest.approx(0.28)
+    with pytest.raises(ConfigError, match="exit_threshold"):
+        Rule.from_dict({"id": "a", "condition": "x", "threshold": 0.3, "exit_threshold": 0.4})
+
+
+def test_calibrated_rules_fire_against_the_streams_own_baseline_and_events_carry_both_scores():
+    # A scene whose every frame scores about 0.28 against the sentence (its baseline), then the real thing: 0.36.
+    baseline = [0.28 + 0.005 * ((i * 7) % 5 - 2) for i in range(40)]
+    raw_rule = tracker(threshold=0.25)  # a raw threshold under the scene's baseline fires on the empty scene
+    assert feed(raw_rule, baseline)[0] == (0.0, "new")
+    t = tracker(threshold=0.05, calibrate=True)  # 0.05 above the baseline
+    assert feed(t, baseline) == []  # silent while calibrating and on the empty scene
+    changes = t.observe(40.0, 0.36, end=41.0, ref=40)
+    assert [c.type for c in changes] == ["new"]
+    event = changes[0].event
+    assert event.raw_score == event.score == 0.36
+    assert event.calibrated_score == pytest.approx(0.36 - 0.28, abs=0.006)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -218,3 +219,19 @@ def test_content_score_is_pyscenedetects_content_val():
         theirs.append(stats.get_metrics(timecode, ["content_val"])[0])
     ours = [content_score(thumbnail(a), thumbnail(b)) for a, b in zip(images, images[1:])]
     assert ours == pytest.approx(theirs[1:], rel=1e-9)
+
+
+def test_static_check_sees_a_small_new_object_that_the_whole_picture_average_hides():
+    # A 720p camera, sensor noise, and then a small object (2% of the picture) appears in a corner.
+    rng = np.random.default_rng(3)
+    scene = cv2.GaussianBlur(rng.integers(40, 200, size=(720, 1280, 3)).astype(np.uint8), (0, 0), 8).astype(np.float64)
+    shots = [np.clip(scene + rng.normal(0, 3, scene.shape), 0, 255).astype(np.uint8) for _ in range(3)]
+    small = shots[2].copy()
+    small[560:690, 1000:1140] = 250  # 130 x 140 px: 2.0% of 1280 x 720
+    whole_picture = StaticCheck(block_threshold=float("inf"))  # the old check: the whole picture's mean only
+    assert not whole_picture.repeats(Segment("s", [Frame(0, shots[0])], end=1))
+    assert whole_picture.repeats(Segment("s", [Frame(2, small)], end=3))  # hidden: this is what went wrong
+    check = StaticCheck()
+    assert not check.repeats(Segment("s", [Frame(0, shots[0])], end=1))
+    assert check.repeats(Segment("s", [Frame(1, shots[1])], end=2))  # noise alone is still a repeat
+    assert not check.repeats(Segment("s", [Frame(2, small)], end=3))  # the small object is a change
