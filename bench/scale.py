@@ -19,6 +19,7 @@ Milvus overhead, not a vision tower; the JSON names the model and the runtime of
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -148,6 +149,7 @@ def main() -> None:
             ray.shutdown()
         milvus.stop()
         pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     # Sizing: 1 sampled frame per second per camera, segments per frame as measured here. Token bytes and Milvus
     # bytes are projected from the measured counts to the real widths (fp16 tokens at --token-width, float32
