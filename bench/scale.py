@@ -19,6 +19,7 @@ Milvus overhead, not a vision tower; the JSON names the model and the runtime of
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -72,7 +73,7 @@ def main() -> None:
     pg, milvus = start_postgres(), start_milvus()
     runs, per_segment = {}, {}
     try:
-        ray.init(num_cpus=max(workers) + args.streams + 2, include_dashboard=False, namespace=cluster.NAMESPACE,
+        ray.init(address="local", num_cpus=max(workers) + args.streams + 2, include_dashboard=False, namespace=cluster.NAMESPACE,
                  log_to_driver=False)
         for n in workers:
             url = f"{pg.create_database(f'scale_{n}')}?index={milvus.url}&tokens={work / f'tokens{n}'}"
@@ -148,6 +149,7 @@ def main() -> None:
             ray.shutdown()
         milvus.stop()
         pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     # Sizing: 1 sampled frame per second per camera, segments per frame as measured here. Token bytes and Milvus
     # bytes are projected from the measured counts to the real widths (fp16 tokens at --token-width, float32

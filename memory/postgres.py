@@ -97,6 +97,18 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_stream_start ON events(stream, start_time);
+CREATE TABLE IF NOT EXISTS sources (
+    stream TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    updated DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    id BIGSERIAL PRIMARY KEY,
+    stream TEXT NOT NULL,
+    t_start DOUBLE PRECISION NOT NULL,
+    t_end DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gaps_stream_start ON gaps(stream, t_start);
 """
 
 

@@ -367,6 +367,47 @@ class SharedMemory:
             params.append(float(until))
         return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
+    def span(self, *, stream: str | None = None, since: float | None = None,
+             until: float | None = None) -> tuple[float, float] | None:
+        """(first start, last end) of the segments overlapping [since, until], or None when there are none."""
+        where, params = self._range_filter(stream, since, until)
+        rows = self._q(f"SELECT MIN(s.t_start), MAX(s.t_end) FROM segments s {where}", params)
+        if not rows or rows[0][0] is None:
+            return None
+        return float(rows[0][0]), float(rows[0][1])
+
+    def neighbours(self, row: SegmentRow, count: int) -> list[SegmentRow]:
+        """Up to `count` segments of the same stream on each side of `row`, chronological."""
+        if count <= 0:
+            return []
+        sid = self._stream_id(row.stream)
+        before = self._q(f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id "
+                         "WHERE s.stream_id = %s AND (s.t_start < %s OR (s.t_start = %s AND s.id < %s)) "
+                         "ORDER BY s.t_start DESC, s.id DESC LIMIT %s", (sid, row.start, row.start, row.id, count))
+        after = self._q(f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id "
+                        "WHERE s.stream_id = %s AND (s.t_start > %s OR (s.t_start = %s AND s.id > %s)) "
+                        "ORDER BY s.t_start, s.id LIMIT %s", (sid, row.start, row.start, row.id, count))
+        return [_row(r) for r in reversed(before)] + [_row(r) for r in after]
+
+    def spread(self, count: int, *, stream: str | None = None, since: float | None = None,
+               until: float | None = None) -> list[SegmentRow]:
+        """About `count` segments evenly spaced in time over the range: one index lookup each."""
+        bounds = self.span(stream=stream, since=since, until=until)
+        if bounds is None or count <= 0:
+            return []
+        lo, hi = bounds
+        where, params = self._range_filter(stream, since, until)
+        sep = " AND " if where else "WHERE "
+        sql = f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id {where}{sep}" \
+              "s.t_start >= %s ORDER BY s.t_start, s.id LIMIT 1"
+        step = (hi - lo) / count
+        out: dict[int, SegmentRow] = {}
+        for k in range(count):
+            rows = self._q(sql, [*params, lo + k * step])
+            if rows:
+                out.setdefault(rows[0][0], _row(rows[0]))
+        return sorted(out.values(), key=lambda r: (r.start, r.id))
+
     def last_segment(self, stream: str) -> SegmentRow | None:
         sid = self._stream_id(stream)
         rows = self._q(f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id "
@@ -396,16 +437,31 @@ class SharedMemory:
                 for r in rows]
 
     def stats(self) -> dict:
+        """Streams, segments, bytes, time covered, each source's state and gaps, and the retention in force."""
+        from vidmem.memory.store import _retention_json
+
         infos = self.streams()
+        sources = self.sources()
+        limits = {r[0]: Retention(max_age_seconds=r[1], max_bytes=r[2])
+                  for r in self._q("SELECT name, max_age, max_bytes FROM streams")}
+        gaps = dict(self._q("SELECT stream, COUNT(*) FROM gaps GROUP BY stream"))
+        streams = [{"name": i.name, "segments": i.segments, "bytes": i.bytes, "start": i.start, "end": i.end,
+                    "seconds": i.seconds_covered, "retention": _retention_json(limits.get(i.name, Retention())),
+                    "source": sources.get(i.name), "gaps": gaps.get(i.name, 0)} for i in infos]
         return {
             "path": self.path,
             "manifest": self.manifest.to_dict() if self.manifest else None,
-            "streams": [{"name": i.name, "segments": i.segments, "bytes": i.bytes, "start": i.start, "end": i.end,
-                         "seconds": i.seconds_covered} for i in infos],
+            "streams": streams,
             "segments": sum(i.segments for i in infos),
             "bytes": sum(i.bytes for i in infos),
+            "disk_bytes": self.disk_usage(),
             "seconds_covered": sum(i.seconds_covered for i in infos),
+            "retention": _retention_json(self.retention()),
         }
+
+    def disk_usage(self) -> int:
+        """Bytes of this memory's token files on the shared storage (PostgreSQL and Milvus size their own disks)."""
+        return self.disk_bytes()
 
     def disk_bytes(self, stream: str | None = None) -> int:
         """Bytes of token files on the shared storage (all streams, or one)."""
@@ -481,7 +537,10 @@ class SharedMemory:
                 "extra_in_index": sorted(indexed - ids)}
 
     # -- retention ---------------------------------------------------------------------------------------
-    def set_retention(self, stream: str, retention: Retention) -> None:
+    def set_retention(self, stream: str | None, retention: Retention) -> None:
+        if stream is None:
+            raise ConfigError("memory-wide retention (a default age, a disk budget) is not available on a shared "
+                              "memory yet; set each stream's retention.")
         name = check_stream_name(stream)
         with self._write() as conn:
             conn.execute("INSERT INTO streams (name, created) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
@@ -489,7 +548,9 @@ class SharedMemory:
             conn.execute("UPDATE streams SET max_age = %s, max_bytes = %s WHERE name = %s",
                          (retention.max_age_seconds, retention.max_bytes, name))
 
-    def retention(self, stream: str) -> Retention:
+    def retention(self, stream: str | None = None) -> Retention:
+        if stream is None:
+            return Retention()  # no memory-wide retention on a shared memory (see set_retention)
         rows = self._q("SELECT max_age, max_bytes FROM streams WHERE name = %s", (stream,))
         if not rows:
             raise UnknownStreamError(f"no stream named {stream!r} in the memory at {self.path}.")
@@ -597,6 +658,38 @@ class SharedMemory:
         if head > CHANGES_KEPT:
             conn.execute("DELETE FROM changes WHERE seq <= %s", (head - CHANGES_KEPT,))
         return len(ids)
+
+    # -- sources and bookkeeping -----------------------------------------------------------------------------
+    def record_source(self, stream: str, status: dict, gap: tuple[float, float] | None = None) -> None:
+        """Store what a stream's source is doing (a SourceStatus's JSON) and, when one closed, its gap."""
+        name = check_stream_name(stream)
+        with self._write() as conn:
+            conn.execute("INSERT INTO sources (stream, body, updated) VALUES (%s, %s, %s) ON CONFLICT (stream) "
+                         "DO UPDATE SET body = EXCLUDED.body, updated = EXCLUDED.updated",
+                         (name, json.dumps(status), time.time()))
+            if gap is not None:
+                conn.execute("INSERT INTO gaps (stream, t_start, t_end) VALUES (%s, %s, %s)",
+                             (name, float(gap[0]), float(gap[1])))
+
+    def sources(self) -> dict[str, dict]:
+        """Each stream's last recorded source state, with `updated` (unix seconds)."""
+        return {name: {**json.loads(body), "updated": round(updated, 3)}
+                for name, body, updated in self._q("SELECT stream, body, updated FROM sources")}
+
+    def gaps(self, stream: str | None = None) -> list[tuple[str, float, float]]:
+        """Recorded gaps (stream, start, end), oldest first."""
+        sql, params = "SELECT stream, t_start, t_end FROM gaps", ()
+        if stream is not None:
+            sql, params = sql + " WHERE stream = %s", (stream,)
+        return [tuple(r) for r in self._q(sql + " ORDER BY t_start, id", params)]
+
+    def prune_logs(self) -> None:
+        """Drop gaps and events older than their stream's footage (the change log is bounded as it grows)."""
+        with self._write() as conn:
+            for name, start in conn.execute("SELECT t.name, MIN(s.t_start) FROM streams t JOIN segments s "
+                                            "ON s.stream_id = t.id GROUP BY t.name").fetchall():
+                conn.execute("DELETE FROM gaps WHERE stream = %s AND t_end < %s", (name, start))
+                conn.execute("DELETE FROM events WHERE stream = %s AND start_time < %s", (name, start))
 
     # -- rules and events ----------------------------------------------------------------------------------
     def put_rule(self, stream: str, rule: dict) -> None:
