@@ -90,6 +90,11 @@ class KeptCaches:
             item = self._items.pop(key, None)
             return default if item is None else item[0]
 
+    def clear(self) -> None:
+        """Drop every kept cache (the next question on each key prefills afresh)."""
+        with self._lock:
+            self._items.clear()
+
     def _evict(self) -> None:
         total = sum(size for _, size in self._items.values())
         while len(self._items) > 1 and (total > self.max_bytes or len(self._items) > self.max_entries):
