@@ -45,8 +45,12 @@ class Settings:
     prune: float = 1.0  # STC pruner: share of each segment's tokens shown to the model; selection spends budget / prune
     token_dtype: str = "float16"  # how new segments store their tokens: float16, or int8 with one scale per token
     kv_cache_bytes: int = 2 << 30  # kept KV caches (live windows, conversations) held at most, least recent out first
+    runtime: str | None = None  # eager | fast | fast-lm (agents/runtime.py); None: $VIDMEM_RUNTIME, else fast on a CPU
 
     def __post_init__(self) -> None:
+        from vidmem.agents.runtime import resolve
+
+        resolve(self.runtime)  # a bad name fails here, before anything loads
         if not 0.0 < self.prune <= 1.0:
             raise ConfigError(f"prune must be a share of tokens in (0, 1], not {self.prune}")
         if self.token_dtype not in ("float16", "int8"):
@@ -156,7 +160,9 @@ class Vidmem:
         """The memory directory, opened on first use (so a model that fails to load leaves no trace on disk)."""
         from vidmem.memory import Memory
 
-        return self._once("_memory", lambda: Memory.open(self.settings.memory, readonly=self.readonly,
+        # FAISS searches on a GPU copy when the device asks for one and faiss has GPUs ("auto": when it has)
+        device = "cuda" if self.settings.device.startswith("cuda") else self.settings.device
+        return self._once("_memory", lambda: Memory.open(self.settings.memory, readonly=self.readonly, device=device,
                                                          token_dtype=self.settings.token_dtype))
 
     # ---- lazily loaded models -----------------------------------------------------------------------
@@ -177,8 +183,14 @@ class Vidmem:
     @property
     def vlm(self):
         from vidmem.agents.models import load_vlm
+        from vidmem.agents.runtime import apply_runtime
 
-        return self._once("_vlm", lambda: load_vlm(self.settings.model, device=self.settings.device))
+        def load():
+            vlm = load_vlm(self.settings.model, device=self.settings.device)
+            apply_runtime(vlm, self.settings.runtime)  # the CPU fast path, before anything is encoded
+            return vlm
+
+        return self._once("_vlm", load)
 
     @property
     def encoder(self):

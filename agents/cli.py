@@ -43,15 +43,31 @@ def parse_time(text: str | None) -> float | None:
         raise ConfigError(f"cannot read the time '{text}': give seconds, HH:MM:SS, or an ISO date-time") from None
 
 
+def memory_spec(text: str) -> Path | str:
+    """--memory: a directory (embedded memory) or a postgresql:// URL (shared memory), kept as a string."""
+    from vidmem.memory.postgres import is_memory_url
+
+    return text if is_memory_url(text) else Path(text)
+
+
+def _ray_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="run on the Ray cluster at ADDRESS (or $VIDMEM_RAY_ADDRESS); needs a shared --memory URL")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common options")
-    group.add_argument("--memory", type=Path, default=Path(os.environ.get("VIDMEM_MEMORY", "vidmem-memory")),
-                       help="memory directory (default: ./vidmem-memory or $VIDMEM_MEMORY)")
+    group.add_argument("--memory", type=memory_spec, default=memory_spec(os.environ.get("VIDMEM_MEMORY", "vidmem-memory")),
+                       help="memory directory (default: ./vidmem-memory or $VIDMEM_MEMORY), or a shared memory's "
+                            "postgresql://...?index=milvus://HOST:PORT&tokens=DIR URL (docs/deploy.md)")
     group.add_argument("--model", default=os.environ.get("VIDMEM_MODEL"),
                        help="LLaVA-OneVision hub id or local checkpoint directory (default: 0.5B on CPU, 7B on GPU)")
     group.add_argument("--embedder", default=os.environ.get("VIDMEM_EMBEDDER"),
                        help="CLIP sentence-transformers hub id or local directory (default: clip-ViT-B-32)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run")
+    group.add_argument("--runtime", choices=("eager", "fast", "fast-lm"), default=os.environ.get("VIDMEM_RUNTIME"),
+                       help="CPU runtime: fast (default on a CPU: int8 vision tower), eager (fp32 throughout), "
+                            "fast-lm (also an int8 language model); $VIDMEM_RUNTIME")
     group.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     group.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
 
@@ -65,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream name (default: the file's name)")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     p.add_argument("--frame-budget", type=int, help="files: keep only the N most informative frames (AVS top-k)")
+    p.add_argument("--motion", action="store_true",
+                   help="motion-gated sampling: --fps becomes a cap; frames are taken when parts of the picture "
+                        "change, and at least one every 10 s")
     p.add_argument("--compressor", default="timeperceiver", help="token compressor (default timeperceiver)")
     p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse vision features of near-identical frames instead of encoding them again (STC cacher)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
     _token_dtype(p)
+    _ray_flag(p)
     _common(p)
 
     p = sub.add_parser("ask", help="answer a question from the memory")
@@ -86,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show this share of each segment's most salient tokens and cover more segments (STC pruner)")
     p.add_argument("--compressor-weights", type=Path, help="the checkpoint used at ingest (loads its projector)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
+    p.add_argument("--conversation", help="with --ray: a conversation id; its questions reach the same answer replica")
+    _ray_flag(p)
     _common(p)
 
     p = sub.add_parser("serve", help="websocket server and page for live cameras")
@@ -100,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
     _token_dtype(p)
     _kv_cache(p)
+    _ray_flag(p)
     _common(p)
 
     p = sub.add_parser("monitor", help="ingest sources and watch them, with events and questions over MQTT")
@@ -117,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "gives up)")
     _token_dtype(p)
     _kv_cache(p)
+    _ray_flag(p)
     _common(p)
 
     _train_parser(sub)
@@ -139,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age", help="drop footage older than this: 90s, 30m, 12h, 7d (or 'none')")
     p.add_argument("--max-bytes", help="keep the stream (or the whole memory) under this size: 500MB, 20GB (or 'none')")
     _common(p)
+
+    p = sub.add_parser("migrate", help="copy an embedded memory directory into a shared memory and verify it")
+    p.add_argument("source", type=Path, help="the embedded memory directory")
+    p.add_argument("target", help="postgresql://USER[:PASS]@HOST:PORT/DB?index=milvus://HOST:PORT&tokens=DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     return parser
 
 
@@ -166,6 +196,7 @@ def _settings(args: argparse.Namespace):
         caption_embedder=getattr(args, "caption_embedder", None),
         token_dtype=getattr(args, "token_dtype", "float16"),
         kv_cache_bytes=_kv_cache_bytes(getattr(args, "kv_cache_mb", 2048.0)),
+        runtime=args.runtime,
     )
 
 
@@ -197,10 +228,14 @@ def _stream_name(source: str) -> str:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from vidmem.agents.app import Vidmem
     from vidmem.stream import IngestOptions, open_source
+    from vidmem.stream.motion import MotionOptions
 
     from vidmem.memory import check_stream_name
 
     stream = check_stream_name(args.stream) if args.stream else _stream_name(args.source)
+    address = _ray_address(args)
+    if address:
+        return _ingest_on_ray(args, stream, address)
     source = open_source(args.source)  # a missing or unreadable file fails here, before anything else
     app = Vidmem(_settings(args))
     try:
@@ -211,8 +246,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            options = IngestOptions(fps=args.fps, frame_budget=args.frame_budget,
+                                    motion=MotionOptions() if args.motion else None)
             return await app.ingest(
-                source, stream=stream, options=IngestOptions(fps=args.fps, frame_budget=args.frame_budget),
+                source, stream=stream, options=options,
                 progress=not args.no_progress and sys.stderr.isatty(), stop=stop,
             )
 
@@ -229,8 +266,46 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ray_address(args: argparse.Namespace) -> str | None:
+    from vidmem.agents.cluster import ray_address
+
+    return ray_address(getattr(args, "ray", None))
+
+
+def _ingest_on_ray(args: argparse.Namespace, stream: str, address: str) -> int:
+    from vidmem.agents import cluster
+    from vidmem.stream import IngestOptions, open_source
+
+    settings = _settings(args)
+    cluster.check_settings(settings)
+    open_source(args.source)  # a missing or unreadable file fails here (nodes read the same path)
+    options = IngestOptions(fps=args.fps, frame_budget=args.frame_budget)
+    payload = cluster.ingest(settings, {stream: str(args.source)}, address=address, ingest_options=options)[stream]
+    _emit(args, payload, f"{payload['stream']}: {payload['segments']} segments from {payload['frames']} frames on "
+                         f"node {payload['node'][:12]} of the Ray cluster at {address}")
+    return 0
+
+
+def _ask_on_ray(args: argparse.Namespace, address: str) -> int:
+    from vidmem.agents import cluster
+
+    settings = _settings(args)
+    cluster.check_settings(settings)
+    cluster.connect(address)
+    answer = cluster.Answerers(settings).ask(
+        args.question, conversation=args.conversation, streams=args.stream, budget=args.budget,
+        since=parse_time(args.since), until=parse_time(args.until), follow_up=bool(args.conversation))
+    cited = "; ".join(f"{s['stream']} {s['start']:.1f}-{s['end']:.1f}s" for s in answer.get("segments", [])[:12])
+    _emit(args, answer, f"{answer.get('answer', '')}\n(from {len(answer.get('segments', []))} segments: {cited})")
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from vidmem.agents.app import Vidmem
+
+    address = _ray_address(args)
+    if address:
+        return _ask_on_ray(args, address)
 
     app = Vidmem(_settings(args), readonly=True)
     try:
@@ -452,6 +527,15 @@ def cmd_retention(args: argparse.Namespace) -> int:
     if change:
         text += f"; {deleted} segments deleted now, {_size(disk)} on disk"
     _emit(args, payload, text)
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from vidmem.memory.postgres import is_memory_url
+    from vidmem.memory.shared import migrate
+
+    if not is_memory_url(args.target):
+        raise ConfigError(f"the migrate target must be a postgresql:// memory URL, not '{args.target}'")
+    report = migrate(args.source, args.target)
+    _emit(args, report, f"copied {report['segments']} segments of {report['streams']} streams, {report['rules']} "
+                        f"rules and {report['events']} events from {report['source']} to {report['target']}; verified")
     return 0
 
 
@@ -555,7 +639,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "serve": cmd_serve, "monitor": cmd_monitor, "train": cmd_train,
-            "stats": cmd_stats, "retention": cmd_retention, "chat": cmd_chat}
+            "stats": cmd_stats, "retention": cmd_retention, "chat": cmd_chat, "migrate": cmd_migrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -723,7 +723,7 @@ def attach_live(server, args) -> LiveMonitor:
 # ---- the CLI entry point --------------------------------------------------------------------------------------
 def monitor_main(args, settings) -> int:
     """`vidmem monitor`: check everything the user gave, load the models, connect, then ingest and watch."""
-    from vidmem.agents.app import Vidmem
+    from vidmem.agents.cluster import open_app
     from vidmem.agents.service import run_service
     from vidmem.stream import Backoff, open_source
 
@@ -741,7 +741,7 @@ def monitor_main(args, settings) -> int:
                       cap=options.source_backoff_max, retry_first=True)
     sources = {name: open_source(url, backoff=backoff) for name, url in specs.items()}  # a missing file fails here
     asyncio.run(probe_broker(parse_mqtt_url(args.mqtt, ca_file=ca_file, insecure=insecure), options))
-    app = Vidmem(settings)
+    app = open_app(settings, address=getattr(args, "ray", None))  # --ray: on the cluster
     monitor = Monitor(app, args.mqtt, prefix=options.prefix, rules=rules, sources=sources, options=options,
                       ca_file=ca_file, insecure=insecure)
 

@@ -4,7 +4,7 @@ DESIGN.md "Selection under a budget": always the recent window on a live stream;
 question; neighbours merged into key clips (F2C, related-work-abstracts.txt); resolution per segment by
 relevance (full, keyframe or low detail, at the costs each segment's compressor declared in its views: 245, 196
 and 49 for TimePerceiver); evenly spaced low-detail anchors over the whole range with what is left, so the
-storyline survives; chronological order. The total never exceeds the budget: every step only adds what still fits.
+storyline survives; then whatever still fits upgrades the picks, best first; chronological order. The total never exceeds the budget: every step only adds what still fits.
 """
 from __future__ import annotations
 
@@ -191,6 +191,11 @@ def select(
         step = len(free) / count
         for k in range(count):
             ledger.offer(free[int(k * step + step / 2)], Level.LOW, 0.0, "anchor")
+
+    # 4. What the budget still holds shows the picks in more detail, best first: a budget that holds the whole range
+    #    in full shows all of it in full (as training shows it), instead of leaving tokens unspent.
+    for pick in sorted(ledger.picks.values(), key=lambda p: (-p.score, p.row.start)):
+        ledger.offer_best(pick.row, (Level.FULL, Level.KEY), pick.score, pick.reason)
 
     picks = sorted(ledger.picks.values(), key=lambda p: (p.row.start, p.row.stream, p.row.id))
     return Selection(picks=picks, budget=options.budget)

@@ -612,7 +612,7 @@ def serve_main(args: Any, settings: Any, *, attach: Callable[[LiveServer, Any], 
     `attach(server, args)`, when given, returns an async context manager run for as long as the server (the CLI
     passes the MQTT monitor's for `--mqtt`); this module knows nothing of what it is.
     """
-    from vidmem.agents.app import Vidmem
+    from vidmem.agents.cluster import open_app
     from vidmem.agents.service import run_service
 
     host, port, token = args.host, args.port, args.token
@@ -621,7 +621,7 @@ def serve_main(args: Any, settings: Any, *, attach: Callable[[LiveServer, Any], 
     if not token and not protocol.is_loopback(host):
         raise ConfigError(f"--token is required to listen on {host}, which other machines can reach; "
                           "set --token (or VIDMEM_TOKEN) or listen on 127.0.0.1")
-    app = Vidmem(settings)
+    app = open_app(settings, address=getattr(args, "ray", None))  # --ray: on the cluster
     return run_service(app, functools.partial(_serve, app, args, attach), exit_process=True)
 
 

@@ -1,6 +1,6 @@
 """Answering cost: prefill tokens and time to first token, vidmem's budget versus LLaVA-OneVision's native path.
 
-    python bench/answer.py [--quick] [--device cpu|cuda] [--layers N] [--decode-tokens N]
+    python bench/answer.py [--quick] [--device cpu|cuda] [--layers N] [--decode-tokens N] [--runtime-only]
 
 Full mode builds LLaVA-OneVision 0.5B's architecture in memory with random weights (timing does not depend on
 them; nothing is downloaded): the Qwen2-0.5B language model, its 151,936-token embeddings and lm_head and the
@@ -19,6 +19,12 @@ retrieval embeddings) are written through `vidmem.memory.Memory`, plus a live st
 - decode speed (ms per generated token) of the answerer's decode loop against the previous loop, side by side.
 Times to first token are the wall time of `ask` with one new token (selection included) and the answerer's own
 `ttft_seconds` (selection excluded). `--quick` uses the tests' tiny checkpoints and small memories.
+CPU runtime figures (agents/runtime.py), side by side in the same run, at the top level of the JSON line:
+`prefill_tps_eager` / `prefill_tps_fast` (the language model prefilling PREFILL_TOKENS evidence embeddings into a
+kept cache, eager fp32 versus `fast-lm`'s int8 linear layers, alternating, best of 3, with the relative error of
+the last hidden state), and `live_ttft_warm_s` / `live_ttft_cold_s` (a live question with the kept window warm,
+and cold: the window prefilled inside the ask), on the default runtime, named in `runtime`. `--runtime-only`
+measures only these (about 10 minutes on 2 busy cores at full size).
 Prints one JSON line; progress goes to stderr.
 """
 from __future__ import annotations
@@ -39,6 +45,7 @@ from common import (  # noqa: E402
 )
 
 from vidmem.agents.app import Settings, Vidmem  # noqa: E402
+from vidmem.agents.runtime import apply_runtime, describe  # noqa: E402
 from vidmem.agents.native import NATIVE_TOKENS_PER_FRAME, native_answer, native_tokens, native_visual_embeds  # noqa: E402
 from vidmem.memory import Manifest  # noqa: E402
 
@@ -65,7 +72,7 @@ def build_app(args: argparse.Namespace, work: Path) -> Vidmem:
     if args.quick:
         tiny = tiny_checkpoints(work / "models")
         settings = Settings(memory=work / "memory", model=str(tiny["llava"]), embedder=str(tiny["clip"]),
-                            device=args.device)
+                            device=args.device, runtime=args.runtime)
         app = Vidmem(settings)
         app.vlm  # noqa: B018 - loads through load_vlm, the real path
     else:
@@ -73,9 +80,11 @@ def build_app(args: argparse.Namespace, work: Path) -> Vidmem:
         app = Vidmem(Settings(memory=work / "memory", embedder=str(clip), device=args.device))
         log(f"building LLaVA-OneVision 0.5B's architecture with random weights ({args.layers} text layers)")
         app._vlm = full_size_vlm(device=args.device, vision_layers=1, text_layers=args.layers)  # in memory, not saved
+        apply_runtime(app._vlm, args.runtime)  # what Vidmem.vlm does after load_vlm
     vlm, embedder = app.vlm, app.embedder
-    app.memory.bind(Manifest(encoder=vlm.encoder.fingerprint, encoder_name=vlm.name, compressor="timeperceiver",
-                             dim=vlm.encoder.dim, embedder=embedder.name, embed_dim=embedder.dim))
+    # stored tokens live in the language model's input space (agents/vlm.py), as Vidmem.manifest records them
+    app.memory.bind(Manifest(encoder=vlm.fingerprint, encoder_name=vlm.name, compressor="timeperceiver",
+                             dim=vlm.hidden_size, embedder=embedder.name, embed_dim=embedder.dim))
     return app
 
 
@@ -216,6 +225,47 @@ def live(app: Vidmem, rng: np.random.Generator, pool: list[np.ndarray], segments
     }
 
 
+PREFILL_TOKENS = 1024  # evidence tokens per timed prefill: about four segments' keyframes
+
+
+def prefill_runtimes(app: Vidmem, repeats: int) -> dict:
+    """Prefill tokens per second of the language model, eager fp32 versus the int8 `fast-lm` runtime, alternating."""
+    import copy
+
+    from vidmem.agents.runtime import describe, optimize_language_model
+
+    vlm = app.vlm
+    inner = getattr(vlm.model, "model", vlm.model)
+    eager = inner.language_model
+    if vlm.device.type != "cpu":
+        return {"skipped": "the int8 runtime is a CPU path; a GPU runs bf16"}
+    fast = optimize_language_model(copy.deepcopy(eager), "fast-lm")
+    cache_class = app.answerer.cache_class
+    torch.manual_seed(0)
+    embeds = torch.randn(1, PREFILL_TOKENS, vlm.model.config.text_config.hidden_size) * 0.5  # (1, S, H)
+
+    @torch.inference_mode()
+    def prefill(lm) -> torch.Tensor:
+        cache = cache_class()
+        return lm(inputs_embeds=embeds.to(vlm.dtype), cache=cache, use_cache=True).last_hidden_state[:, -1]
+
+    reference, quantized = prefill(eager), prefill(fast)  # also the warm-up
+    runs: dict[str, list[float]] = {"eager": [], "fast": []}
+    for _ in range(repeats):
+        for name, lm in (("eager", eager), ("fast", fast)):
+            runs[name].append(timed(lambda: prefill(lm))[0])
+    del fast
+    gc.collect()
+    out = {f"prefill_tps_{name}": round(PREFILL_TOKENS / min(times), 1) for name, times in runs.items()}
+    out["prefill_speedup"] = round(out["prefill_tps_fast"] / out["prefill_tps_eager"], 2)
+    out["prefill_tokens"] = PREFILL_TOKENS
+    out["prefill_runtime_eager"] = describe(vlm)["language_model"]
+    out["prefill_runtime_fast"] = "fast-lm (int8 dynamic linear, fbgemm)"
+    out["prefill_fast_relative_error"] = round(float((quantized - reference).norm() / reference.norm()), 4)
+    log(f"  prefill: {out}")
+    return out
+
+
 def clone_cache(cache, kind: str, room: int):
     """A copy of `cache`'s keys and values in a new cache of `kind` (no recomputation), with `room` more positions."""
     from transformers import DynamicCache, StaticCache
@@ -310,20 +360,27 @@ def run(args: argparse.Namespace) -> dict:
             vlm = app.vlm
             answerer = app.answerer
             answerer.max_new_tokens = 1  # an ask returns right after its first token: its wall time is the TTFT
-            pool = token_pool(vlm.encoder.dim, rng)
+            pool = token_pool(vlm.hidden_size, rng)  # (245, H) blocks: tokens are stored projected
             lengths = {"ten_minutes": 600.0, "one_hour": 3600.0} if not args.quick else {"ten_minutes": 600.0}
             if args.quick:
                 lengths = {"short": 80.0, "long": 240.0}
+            result: dict = {"bench": "answer", "quick": args.quick, "device": str(vlm.device),
+                            "dtype": str(vlm.dtype).replace("torch.", ""), "budget": BUDGET,
+                            "model": vlm.name, "text_layers": args.layers if not args.quick else None,
+                            "runtime": describe(vlm), "native_tokens_per_frame": NATIVE_TOKENS_PER_FRAME,
+                            "footage": {}}
+            log("CPU runtime: prefill eager versus int8, side by side")
+            result.update(prefill_runtimes(app, repeats=3))
+            if args.runtime_only:
+                log("live stream")
+                result["live"] = live(app, rng, pool, segments=24)
+                return finish(result, args)
             for name, seconds in lengths.items():
                 log(f"writing {name}: {int(seconds / SEGMENT_SECONDS)} segments")
                 fill(app, name.replace("_", "-"), int(seconds / SEGMENT_SECONDS), start=0.0, rng=rng, pool=pool)
             # warm-up: the first forward pass allocates and picks kernels; keep it out of every figure
             app.ask("warm up", streams=[next(iter(lengths)).replace("_", "-")], budget=300)
             cold_points: list[tuple[int, float]] = []
-            result: dict = {"bench": "answer", "quick": args.quick, "device": str(vlm.device),
-                            "dtype": str(vlm.dtype).replace("torch.", ""), "budget": BUDGET,
-                            "model": vlm.name, "text_layers": args.layers if not args.quick else None,
-                            "native_tokens_per_frame": NATIVE_TOKENS_PER_FRAME, "footage": {}}
             for name, seconds in lengths.items():
                 log(f"footage {name}")
                 result["footage"][name] = footage(app, name.replace("_", "-"), seconds, cold_points=cold_points)
@@ -359,11 +416,21 @@ def run(args: argparse.Namespace) -> dict:
             log("decode loop, old versus new")
             # continues from the kept evidence of the longest footage's follow-up (live questions do not replace it)
             result["decode"] = decode_speed(app, args.decode_tokens, repeats=2 if args.quick else 3)
-            result["threads"] = torch.get_num_threads()
-            result["machine"] = machine_info()
-            return result
+            return finish(result, args)
         finally:
             app.close()
+
+
+def finish(result: dict, args: argparse.Namespace) -> dict:
+    """Top-level live figures, threads and machine; the runtimes are measured side by side on a shared machine."""
+    live_figures = result["live"]
+    result["live_ttft_warm_s"] = live_figures["warm"]["ask_to_first_token_seconds"]
+    result["live_ttft_cold_s"] = live_figures["cold"]["ask_to_first_token_seconds"]
+    result["threads"] = torch.get_num_threads()
+    result["machine"] = machine_info()
+    result["note"] = ("eager and fast figures come from the same run, alternating; the machine may be shared with "
+                      "other work (machine.load_average), so compare ratios, not absolute seconds across runs")
+    return result
 
 
 def main() -> None:
@@ -372,6 +439,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--layers", type=int, default=24, help="text decoder layers to build (24 = full size)")
     parser.add_argument("--decode-tokens", type=int, default=None, help="tokens generated per decode timing")
+    parser.add_argument("--runtime", choices=("eager", "fast", "fast-lm"), default=None,
+                        help="runtime of the app's VLM (default: $VIDMEM_RUNTIME, else fast on a CPU)")
+    parser.add_argument("--runtime-only", action="store_true",
+                        help="only the CPU runtime figures: prefill eager vs fast, live time to first token")
     args = parser.parse_args()
     if args.decode_tokens is None:
         args.decode_tokens = 8 if args.quick else 12

@@ -231,3 +231,26 @@ def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 def emit(result: dict) -> None:
     """The bench's one JSON line on stdout."""
     print(json.dumps(result), flush=True)
+
+
+def home_camera_scene(n: int, *, fps: float, width: int = 320, height: int = 180, seed: int = 0,
+                      visits: tuple[tuple[float, float], ...] = ((20.0, 28.0),), noise: float = 2.0):
+    """n frames of a mostly static home camera: a still picture with sensor noise, and during each (start, end)
+    second of `visits` a person-sized block (a sixth of the height) walking across a third of the picture.
+
+    The block changes a few blocks of the picture a lot and the whole picture's mean hardly at all.
+    """
+    from vidmem.stream.synth import _picture
+
+    rng = np.random.default_rng(seed)
+    base = _picture(width, height, rng)
+    h, w = max(4, height // 6), max(2, height // 12)
+    for i in range(n):
+        t = i / fps
+        frame = np.clip(base + rng.normal(0.0, noise, size=base.shape), 0, 255).astype(np.uint8)  # (H, W, 3)
+        for start, end in visits:
+            if start <= t < end:
+                x = int(width / 3 + (t - start) / (end - start) * width / 3)
+                y = height // 2
+                frame[y:y + h, x:x + w] = (30, 30, 160)
+        yield frame

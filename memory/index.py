@@ -37,10 +37,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
-from vidmem.errors import MemoryStoreError
+from vidmem.errors import ConfigError, MemoryStoreError
+
+try:
+    import faiss
+except ImportError as exc:  # the `cpu` or the `gpu` extra brings it (never both: the wheels clash)
+    raise ConfigError("FAISS is not installed: pip install 'vidmem[cpu]', or 'vidmem[gpu]' on a CUDA machine.") from exc
 
 log = logging.getLogger(__name__)
 

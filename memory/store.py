@@ -28,6 +28,7 @@ import numpy as np
 from vidmem.errors import ConfigError, EncoderMismatchError, MemoryStoreError, UnknownStreamError
 from vidmem.memory import tokens as tok
 from vidmem.memory.index import IndexOptions, IndexSet
+from vidmem.memory.postgres import is_memory_url
 from vidmem.memory.schema import SCHEMA_VERSION, connect
 from vidmem.memory.types import Manifest, Retention, SegmentRow, StreamInfo, check_stream_name
 
@@ -96,7 +97,13 @@ class Memory:
         token_dtype: how new segments store their tokens ("float16", or "int8" with one scale per token).
         index_options: FAISS index choices (see IndexOptions); device="cuda" searches on a GPU copy.
         chunk_bytes: token file size before rotation (a stream's byte limit may ask for smaller chunks).
+        A postgresql:// URL instead of a directory opens a shared memory (memory/shared.py) with the same interface.
         """
+        if is_memory_url(path):
+            from vidmem.memory.shared import SharedMemory
+
+            return SharedMemory.open(path, readonly=readonly, device=device, token_dtype=token_dtype,  # type: ignore[return-value]
+                                     chunk_bytes=chunk_bytes)
         path = Path(path).expanduser()
         db = path / DB_NAME
         if token_dtype not in tok.DTYPES:
@@ -1020,10 +1027,22 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise MemoryStoreError(f"the memory is busy or read-only: {exc}.") from exc
     try:
         yield conn
+    except sqlite3.OperationalError as exc:  # a full disk or an I/O error inside the transaction
+        _rollback(conn)
+        raise MemoryStoreError(f"the memory could not be written: {exc}.") from exc
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:  # SQLite could not grow its files: nothing of this transaction stays
+        _rollback(conn)
+        raise MemoryStoreError(f"the memory could not be written: {exc}.") from exc
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _retention_json(retention: Retention) -> dict:

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from vidmem.errors import ConfigError, SourceError
+from vidmem.stream.motion import MotionGate, MotionOptions
 from vidmem.stream.sampling import TimeSampler
 from vidmem.stream.segmenter import Segmenter, StaticCheck
 from vidmem.stream.shots import ShotDetector, ShotOptions
@@ -53,6 +54,7 @@ class IngestOptions:
     detect_cuts: bool = True  # run the shot-boundary detector (AVS section 3.2.1)
     shots: ShotOptions = ShotOptions()  # shot-boundary detector settings
     frame_budget: int | None = None  # files only: keep the k most informative frames (AVS eq. 5) instead of fps
+    motion: MotionOptions | None = None  # motion-gated sampling (stream/motion.py): fps is then a cap; None = off
 
     def __post_init__(self) -> None:
         if not self.fps > 0:
@@ -129,7 +131,12 @@ class Analyser:
         self.duration = duration
         self.detector: ShotDetector[Frame] = ShotDetector(options.shots)
         self.sampler = TimeSampler(options.fps)
-        self.segmenter = Segmenter(stream, max_frames=options.max_segment_frames, period=1.0 / options.fps)
+        self.motion = MotionGate(options.motion) if options.motion is not None else None
+        self._moved: set[float] = set()  # times of sampled frames the motion gate kept because blocks changed
+        # the last segment lasts one sample period past its last frame; with motion gating a skipped frame means
+        # "as the last kept one", so it lasts up to the keyframe interval (clipped to the end of the video)
+        period = 1.0 / options.fps if options.motion is None else max(1.0 / options.fps, options.motion.keyframe_seconds)
+        self.segmenter = Segmenter(stream, max_frames=options.max_segment_frames, period=period)
         self.static = (StaticCheck(options.static_threshold, options.static_max_seconds)
                        if options.static_threshold > 0 else None)
         self._since_sample = 0.0  # the largest content score since the last sampled frame
@@ -153,6 +160,11 @@ class Analyser:
             self._since_sample = max(self._since_sample, score)
             if not self.sampler.offer(frame.ts, cut=cut):
                 continue
+            if self.motion is not None:
+                if not self.motion.offer(frame.ts, frame.image, cut=cut):
+                    continue  # nothing moved since the last kept frame: the fps grid moves on, the score adds up
+                if self.motion.moved:
+                    self._moved.add(frame.ts)
             sampled = dataclasses.replace(frame, score=self._since_sample)
             self._since_sample = 0.0
             out += self._route(self.segmenter.add(sampled, cut=cut))
@@ -164,6 +176,10 @@ class Analyser:
         return self._route(self.segmenter.add(frame, cut=cut))
 
     def _route(self, segments: list[Segment]) -> list[tuple[str, Segment]]:
+        for s in segments:
+            if self._moved and any(f.ts in self._moved for f in s.frames):
+                s.extra["motion"] = True  # the static check stores it: something moved in part of the picture
+                self._moved.difference_update(f.ts for f in s.frames)
         return [(EXTEND if self.static is not None and self.static.repeats(s) else ENCODE, s) for s in segments]
 
     def video_end(self) -> float | None:
@@ -185,6 +201,8 @@ class Analyser:
         out = self._after_detection([(d.item, d.score, d.cut) for d in self.detector.flush()])
         self.detector.reset()
         self.sampler.reset()
+        if self.motion is not None:
+            self.motion.reset()
         return out + self._route(self.segmenter.gap(start, end))
 
     @property

@@ -112,7 +112,8 @@ class StaticCheck:
         """True when `segment` repeats the reference (it is then not stored); otherwise it becomes the reference."""
         thumbs = [grey_thumbnail(f.image) for f in segment.frames]
         ref = self._reference
-        fresh = segment.cut or "gap_before" in segment.extra or segment.end - self._since > self.max_seconds
+        fresh = (segment.cut or "gap_before" in segment.extra or segment.extra.get("motion")  # stream/motion.py
+                 or segment.end - self._since > self.max_seconds)
         if ref is not None and not fresh:
             if all(float(np.abs(t - ref).mean()) < self.threshold and block_difference(t, ref) < self.block_threshold
                    for t in thumbs):

@@ -64,3 +64,31 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
         clip=build_tiny_clip(root / "clip"),
         minilm=build_tiny_minilm(root / "minilm"),
     )
+
+
+TALKING_ANSWER = (
+    "The camera shows a person who walks into the room, looks around, picks up a cup from the table and then "
+    "leaves through the door on the left."
+)
+
+
+@pytest.fixture(scope="session")
+def talking_llava(tiny_models: TinyModels, videos: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA-OneVision taught, through `vidmem train --objective qa --train-llm`, to describe footage in one
+    long sentence: for the tests that need an answer that streams for a while (a browser showing it, a kill in the
+    middle of it). Random weights stop at once under the checkpoint's plain generation config; this model has
+    learned to talk, so nothing about decoding is rigged."""
+    from vidmem.agents.models import load_vlm
+    from vidmem.compressors.train import TrainOptions, train
+
+    root = tmp_path_factory.mktemp("talking")
+    questions = ["What happens in the video?", "What do you see right now?", "What happens?", "Is anyone there?"]
+    lines = [{"video": str(videos[name]["file"]), "question": q, "answer": TALKING_ANSWER}
+             for name in ("test.mp4", "demo.mp4") for q in questions]
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    options = TrainOptions(data=data, output=root / "talk.safetensors", objective="qa", compressor="pool",
+                           train_llm=True, output_model=root / "model", steps=40, lr=3e-3, max_frames=8,
+                           cache_dir=root / "cache", log_every=0)
+    train(options, vlm=load_vlm(str(tiny_models.llava), device="cpu"))
+    return root / "model"

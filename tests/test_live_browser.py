@@ -52,11 +52,12 @@ def health(port: int) -> dict:
 
 
 @pytest.fixture
-def served(tiny_models, tmp_path):
-    """`vidmem serve` with the tiny checkpoints on a free loopback port, stopped with SIGTERM afterwards."""
+def served(tiny_models, talking_llava, tmp_path):
+    """`vidmem serve` with a tiny checkpoint taught to describe footage, on a free loopback port, stopped with SIGTERM
+    afterwards."""
     port = free_port()
     command = [sys.executable, "-m", "vidmem", "serve", "--port", str(port), "--token", TOKEN,
-               "--memory", str(tmp_path / "memory"), "--model", str(tiny_models.llava),
+               "--memory", str(tmp_path / "memory"), "--model", str(talking_llava),
                "--embedder", str(tiny_models.clip), "--device", "cpu"]
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})

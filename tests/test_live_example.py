@@ -12,10 +12,10 @@ from services import free_port
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "live_camera"
 
 
-def test_the_live_camera_example_streams_a_video_and_gets_a_cited_answer(tiny_models, videos, tmp_path):
+def test_the_live_camera_example_streams_a_video_and_gets_a_cited_answer(tiny_models, talking_llava, videos, tmp_path):
     env = {
         **os.environ, "PORT": str(free_port()), "VIDMEM_TOKEN": "example-token", "VIDMEM_MEMORY": str(tmp_path / "memory"),
-        "VIDMEM_MODEL": str(tiny_models.llava), "VIDMEM_EMBEDDER": str(tiny_models.clip), "VIDMEM_DEVICE": "cpu",
+        "VIDMEM_MODEL": str(talking_llava), "VIDMEM_EMBEDDER": str(tiny_models.clip), "VIDMEM_DEVICE": "cpu",
         "PYTHON": sys.executable, "JSON": "1", "SECONDS_OF_VIDEO": "4",
     }
     result = subprocess.run(["bash", str(EXAMPLE / "run.sh"), str(videos["demo.mp4"]["file"]), "Who is winning?"],

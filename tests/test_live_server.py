@@ -117,8 +117,9 @@ def finished(live, stream: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def live(tiny_models, tmp_path_factory):
-    settings = Settings(memory=tmp_path_factory.mktemp("live") / "memory", model=str(tiny_models.llava),
+def live(tiny_models, talking_llava, tmp_path_factory):
+    # a model taught to describe footage, so a question streams tokens (random weights stop at once)
+    settings = Settings(memory=tmp_path_factory.mktemp("live") / "memory", model=str(talking_llava),
                         embedder=str(tiny_models.clip), device="cpu", max_new_tokens=12)
     app = Vidmem(settings)
     app.load_models()

@@ -83,3 +83,15 @@ def test_one_keyframe_budget_still_shows_the_best_candidate():
     rows = timeline([4] * 10)
     selection = select(rows, [(rows[7], 0.5)], options=SelectOptions(budget=196))
     assert [(p.row.id, p.level) for p in selection.picks] == [(7, Level.KEY)]
+
+
+def test_a_budget_that_holds_everything_shows_everything_in_full() -> None:
+    rows = timeline([4, 1, 3, 4, 2, 4, 4, 1])
+    total = sum(row.tokens for row in rows)
+    selection = select(rows, [(rows[5], 0.9), (rows[2], 0.4)], options=SelectOptions(budget=total))
+    assert [p.level for p in selection.picks] == [Level.FULL] * len(rows)
+    assert selection.visual_tokens == total
+    # one token less: everything is still shown, and only the weakest pick gives up detail
+    tight = select(rows, [(rows[5], 0.9), (rows[2], 0.4)], options=SelectOptions(budget=total - 1))
+    assert len(tight.picks) == len(rows) and tight.visual_tokens <= total - 1
+    assert {p.row.id for p in tight.picks if p.level is Level.FULL} >= {5, 2}

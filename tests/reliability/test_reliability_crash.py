@@ -8,6 +8,7 @@ that every segment a reader had seen committed is still there, byte for byte.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pty
 import random
@@ -92,12 +93,13 @@ def test_vidmem_ingest_killed_at_random_instants_keeps_every_committed_segment(t
 
 # ---- `vidmem ask`: a reader killed mid-answer changes nothing ----------------------------------------------------
 @pytest.mark.slow
-def test_vidmem_ask_killed_mid_answer_leaves_the_memory_unchanged(tmp_path, tiny_models, videos):
+def test_vidmem_ask_killed_mid_answer_leaves_the_memory_unchanged(tmp_path, tiny_models, talking_llava, videos):
     from vidmem.agents.app import Settings, Vidmem
     from vidmem.stream import open_source
 
+    talking = dataclasses.replace(tiny_models, llava=talking_llava)  # a model that answers at length
     memory = tmp_path / "memory"
-    app = Vidmem(Settings(memory=memory, model=str(tiny_models.llava), embedder=str(tiny_models.clip), device="cpu"))
+    app = Vidmem(Settings(memory=memory, model=str(talking.llava), embedder=str(tiny_models.clip), device="cpu"))
     try:
         asyncio.run(app.ingest(open_source(videos["test.mp4"]["file"]), stream="cam"))
     finally:
@@ -107,7 +109,7 @@ def test_vidmem_ask_killed_mid_answer_leaves_the_memory_unchanged(tmp_path, tiny
     # a terminal on stdout makes `vidmem ask` stream tokens as they come: kill it on the first ones
     leader, follower = pty.openpty()
     process = subprocess.Popen(cli("ask", "What happens in the video?", "--max-new-tokens", "2000", memory=memory,
-                                   tiny=tiny_models), stdout=follower, stderr=subprocess.PIPE, env=cli_env())
+                                   tiny=talking), stdout=follower, stderr=subprocess.PIPE, env=cli_env())
     os.close(follower)
     try:
         received = b""

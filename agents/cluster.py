@@ -1,0 +1,454 @@
+"""vidmem on a Ray cluster: sources as actors on any node, a batching encoder pool, answer replicas with affinity.
+
+    vidmem ingest cam1.mp4 --ray 10.0.0.5:6379 --memory postgresql://...   (or VIDMEM_RAY_ADDRESS)
+
+- **Sources.** Each source is a `SourceWorker` actor, spread over the nodes. It decodes and segments its source
+  (stream/), sends segments to the encoder pool and commits the results to the shared memory itself. Ray restarts
+  an actor whose node is lost on another node (`max_restarts=-1`) and retries its `run` (`max_task_retries=-1`):
+  the new run resumes after the stream's last committed segment, so nothing committed is lost or stored twice.
+- **Encoding.** `EncoderService` actors hold the vision tower, the compressor and the retrieval embedder, one per
+  device (a GPU, or a share of one with `gpus_per_encoder`). Requests from every stream that arrive within
+  `batch_wait_s` go through the models together (up to `batch_segments`), so a device sees full batches even
+  when each camera yields a segment every few seconds. They are named, detached actors: every `ingest` and
+  `monitor` on the cluster with the same models shares them.
+- **Answering.** `AnswerService` replicas hold the language model. A conversation always goes to the same replica
+  (a stable hash of its id), the one whose kept KV cache lets a follow-up prefill only the new question.
+- **Memory.** Every node reaches the same shared memory (PostgreSQL + Milvus + token files on shared storage,
+  memory/shared.py): `--ray` requires a postgresql:// `--memory`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, replace
+from typing import Any
+
+from vidmem.errors import ConfigError, VidmemError
+
+log = logging.getLogger(__name__)
+
+ENV = "VIDMEM_RAY_ADDRESS"
+NAMESPACE = "vidmem"
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How vidmem's work is laid out on the Ray cluster."""
+
+    encoders: int = 1  # encoder actors (one per device)
+    answerers: int = 1  # answer replicas
+    batch_segments: int = 16  # segments per encoder forward pass at most, across streams
+    batch_wait_s: float = 0.02  # how long an encoder waits for more streams' segments before running a batch
+    cpus_per_source: float = 0.5  # Ray resources per actor (logical: they place actors, they do not pin cores)
+    cpus_per_encoder: float = 1.0
+    gpus_per_encoder: float = 0.0  # e.g. 0.5: two encoders share a GPU
+    gpus_per_answerer: float = 0.0
+    replay_speed: float | None = None  # files: deliver frames at this multiple of real time (replay as cameras)
+
+    def __post_init__(self) -> None:
+        if self.encoders < 1 or self.answerers < 1 or self.batch_segments < 1:
+            raise ConfigError("the cluster needs at least one encoder, one answerer and a batch of one segment")
+        if self.replay_speed is not None and not self.replay_speed > 0:
+            raise ConfigError(f"replay_speed must be positive, not {self.replay_speed}")
+
+
+def ray_address(flag: str | None) -> str | None:
+    """--ray ADDRESS, else $VIDMEM_RAY_ADDRESS, else None (everything in this process)."""
+    return flag or os.environ.get(ENV) or None
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install 'vidmem[cluster]'") from None
+    return ray
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at `address` as a driver; one clear error when it cannot be reached."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False,
+                 configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def check_settings(settings) -> None:
+    from vidmem.memory.postgres import is_memory_url
+
+    if settings.captions:
+        raise ConfigError("--captions is not available with --ray yet: caption on one machine, or without captions")
+    if not is_memory_url(settings.memory):
+        raise ConfigError("--ray needs a shared memory every node reaches: give --memory postgresql://USER@HOST:PORT/DB"
+                          "?index=milvus://HOST:PORT&tokens=DIR (docs/deploy.md), not a directory on this machine")
+
+
+def _models_key(settings, *, memory: bool = False) -> str:
+    """Actors with the same models (and memory, for answerers) are shared: their names carry a digest of them."""
+    fields = (settings.model, settings.embedder, settings.device, settings.compressor, str(settings.compressor_weights),
+              str(settings.memory) if memory else "", settings.max_new_tokens, settings.prune)
+    return hashlib.sha256("\0".join(map(str, fields)).encode()).hexdigest()[:10]
+
+
+# -- encoding -------------------------------------------------------------------------------------------------
+class EncoderService:
+    """Vision tower + compressor + embedder on one device; batches the segments of every stream that calls it."""
+
+    def __init__(self, settings, batch_segments: int, batch_wait_s: float) -> None:
+        from vidmem.agents.app import Vidmem
+
+        # The feature cache is per stream (its frames resemble each other): it stays with single-process ingest.
+        self.app = Vidmem(replace(settings, feature_cache=False))
+        self.app.load_models()
+        self.batch_segments = batch_segments
+        self.batch_wait_s = batch_wait_s
+        self._pending: list[tuple[list, asyncio.Future]] = []
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        self.calls = self.segments = self.batches = 0
+
+    def manifest(self) -> dict:
+        return self.app.manifest().to_dict()
+
+    def stats(self) -> dict:
+        return {"calls": self.calls, "segments": self.segments, "batches": self.batches,
+                "node": _node_id()}
+
+    async def encode(self, segments: list) -> list:
+        """EncodedSegments for `segments` (in order), computed in a batch with other streams' segments."""
+        loop = asyncio.get_running_loop()
+        if self._runner is None or self._runner.done():
+            self._wake = asyncio.Event()
+            self._runner = loop.create_task(self._run())
+        future = loop.create_future()
+        self._pending.append((segments, future))
+        self.calls += 1
+        assert self._wake is not None
+        self._wake.set()
+        return await future
+
+    async def _run(self) -> None:
+        from vidmem.agents.app import MemorySink
+
+        sink = MemorySink(self.app, "batch")
+        while True:
+            assert self._wake is not None
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.batch_wait_s)  # let other streams' segments join this batch
+            while self._pending:
+                batch, taken = [], 0
+                while self._pending and (not batch or taken + len(self._pending[0][0]) <= self.batch_segments):
+                    segments, future = self._pending.pop(0)
+                    batch.append((segments, future))
+                    taken += len(segments)
+                flat = [segment for segments, _ in batch for segment in segments]
+                try:
+                    encoded = await asyncio.to_thread(sink.encode, flat)
+                except Exception as exc:  # noqa: BLE001 - each caller gets the error, the service keeps serving
+                    for _, future in batch:
+                        future.set_exception(exc)
+                    continue
+                self.batches += 1
+                self.segments += len(flat)
+                offset = 0
+                for segments, future in batch:
+                    future.set_result(encoded[offset:offset + len(segments)])
+                    offset += len(segments)
+
+
+def encoder_pool(settings, options: ClusterOptions) -> list:
+    """Handles of the named encoder actors for these models, created when missing."""
+    ray = _ray()
+    remote = ray.remote(EncoderService).options
+    key = _models_key(settings)
+    return [remote(name=f"vidmem-encoder-{key}-{i}", get_if_exists=True, lifetime="detached", max_restarts=-1,
+                   max_task_retries=-1, num_cpus=options.cpus_per_encoder, num_gpus=options.gpus_per_encoder,
+                   max_concurrency=1000).remote(settings, options.batch_segments, options.batch_wait_s)
+            for i in range(options.encoders)]
+
+
+# -- sources ------------------------------------------------------------------------------------------------
+class _RemoteSink:
+    """The ingest loop's sink on a cluster: encode on the pool, commit to the shared memory, skip what is stored."""
+
+    def __init__(self, app, stream: str, encoder, resume_after: float | None, on_segment=None) -> None:
+        self.app, self.stream = app, stream  # the app opens the memory only: the models live in the encoders
+        self.on_segment = on_segment  # called (row, segment) after each commit (the monitor's rules)
+        self.last_row = None
+        self.encoder = encoder
+        self.resume_after = resume_after
+        self.skipped = 0
+
+    def _done(self, segment) -> bool:
+        return self.resume_after is not None and segment.start < self.resume_after
+
+    def encode(self, segments: list) -> list:
+        ray = _ray()
+        todo = [s for s in segments if not self._done(s)]
+        encoded = iter(ray.get(self.encoder.encode.remote(todo)) if todo else [])
+        return [None if self._done(s) else next(encoded) for s in segments]
+
+    def commit(self, segment, encoded) -> int:
+        if encoded is None:  # committed before this actor restarted
+            self.skipped += 1
+            return 0
+        self.last_row = self.app.memory.add_segment(
+            stream=self.stream, start=segment.start, end=segment.end, frames=len(segment), cut=segment.cut,
+            tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg,
+            views=encoded.views)
+        if self.on_segment is not None:
+            self.on_segment(self.last_row, segment)
+        return self.last_row.tokens
+
+    def extend(self, segment) -> None:
+        if self.resume_after is not None and segment.end <= self.resume_after:
+            return
+        last = self.last_row or self.app.memory.last_segment(self.stream)
+        if last is not None:
+            self.app.memory.extend_segment(last.id, end=segment.end, frames=last.frames + len(segment))
+
+
+class _Paced:
+    """A file source delivering its frames at `speed` times real time (recordings replayed as cameras)."""
+
+    live = True  # frames are analysed as they arrive, as a camera's are
+
+    def __init__(self, source, speed: float, skip_until: float | None = None) -> None:
+        self._source, self._speed, self._skip_until = source, speed, skip_until
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    async def frames(self):
+        started, first = time.monotonic(), None
+        async for frame in self._source.frames():
+            if self._skip_until is not None and frame.ts < self._skip_until:
+                yield frame  # already stored before a restart: catch up at decoding speed
+                continue
+            if first is None:
+                started, first = time.monotonic(), frame.ts
+            delay = (frame.ts - first) / self._speed - (time.monotonic() - started)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield frame
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+
+class SourceWorker:
+    """One source on any node: decode and segment it, encode on the pool, commit to the shared memory."""
+
+    def __init__(self, settings, stream: str, source: str, ingest_options, encoder,
+                 replay_speed: float | None) -> None:
+        self.settings, self.stream, self.source = settings, stream, source
+        self.ingest_options, self.encoder, self.replay_speed = ingest_options, encoder, replay_speed
+
+    def where(self) -> str:
+        return _node_id()
+
+    def run(self) -> dict:
+        """Ingest the source to its end; after a restart, resume after the last committed segment."""
+        from vidmem.agents.app import Vidmem
+        from vidmem.memory import Manifest
+        from vidmem.stream import IngestOptions, open_source
+        from vidmem.stream.ingest import ingest
+
+        ray = _ray()
+        app = Vidmem(self.settings)
+        try:
+            memory = app.memory
+            memory.bind(Manifest.from_dict(ray.get(self.encoder.manifest.remote())))
+            last = memory.last_segment(self.stream) if memory.has_stream(self.stream) else None
+            resume = last.end if last is not None else None
+            sink = _RemoteSink(app, self.stream, self.encoder, resume)
+            source = open_source(self.source)
+            if self.replay_speed:
+                source = _Paced(source, self.replay_speed, skip_until=resume)
+            report = asyncio.run(ingest(source, sink, stream=self.stream, options=self.ingest_options or IngestOptions()))
+        finally:
+            app.close()
+        out = report.to_json()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        out.update(node=_node_id(), resumed_after=resume, skipped=sink.skipped, restarted=restarted)
+        return out
+
+
+def start_sources(settings, sources: dict[str, str], *, ingest_options=None, options: ClusterOptions = ClusterOptions(),
+                  encoders: list | None = None) -> dict[str, Any]:
+    """A SourceWorker actor per source, spread over the nodes; returns {stream: actor handle}."""
+    ray = _ray()
+    check_settings(settings)
+    encoders = encoders or encoder_pool(settings, options)
+    remote = ray.remote(SourceWorker).options
+    # Round-robin over the encoders: each gets an even share of the streams (a hash of the names need not).
+    return {stream: remote(max_restarts=-1, max_task_retries=-1, num_cpus=options.cpus_per_source,
+                           scheduling_strategy="SPREAD").remote(
+                settings, stream, url, ingest_options, encoders[i % len(encoders)], options.replay_speed)
+            for i, (stream, url) in enumerate(sources.items())}
+
+
+def ingest(settings, sources: dict[str, str], *, address: str, ingest_options=None,
+           options: ClusterOptions = ClusterOptions()) -> dict[str, dict]:
+    """Ingest every source on the cluster at `address`; returns {stream: report} once all have finished."""
+    connect(address)
+    actors = start_sources(settings, sources, ingest_options=ingest_options, options=options)
+    ray = _ray()
+    try:
+        reports = ray.get([actor.run.remote() for actor in actors.values()])
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), VidmemError) else None
+        if cause is not None:
+            raise cause from None
+        raise VidmemError(f"ingest failed on the cluster: {str(exc).strip().splitlines()[-1]}") from None
+    return dict(zip(actors, reports))
+
+
+# -- answering ----------------------------------------------------------------------------------------------
+class AnswerService:
+    """One answer replica: the VLM, the read-only shared memory and the kept KV cache of its conversations."""
+
+    def __init__(self, settings) -> None:
+        from vidmem.agents.app import Vidmem
+
+        self.app = Vidmem(settings, readonly=True)
+        self.app.load_models()
+        self.app.answerer  # noqa: B018 - load the language model before the first question
+        self.conversation: str | None = None  # whose evidence the kept KV cache holds
+
+    def ready(self) -> str:
+        """Returns once the models are loaded (the node's id)."""
+        return _node_id()
+
+    def answer(self, question: str, conversation: str | None, kwargs: dict):
+        """The `Answer` (agents/answer.py) to a question, as `Vidmem.ask` gives it."""
+        # A follow-up reuses the kept cache only when it holds this conversation's evidence.
+        follow_up = bool(kwargs.pop("follow_up", False)) and conversation is not None \
+            and conversation == self.conversation
+        answer = self.app.ask(question, follow_up=follow_up, **kwargs)
+        self.conversation = conversation
+        answer.follow_up = follow_up
+        return answer
+
+    def refresh_live(self, stream: str) -> None:
+        """Bring this replica's kept window of a live stream up to date (the front-end calls it per segment)."""
+        self.app.refresh_live(stream)
+
+    def ask(self, question: str, conversation: str | None, kwargs: dict) -> dict:
+        answer = self.answer(question, conversation, kwargs)
+        return {**answer.to_json(), "replica": _node_id(), "follow_up": answer.follow_up}
+
+
+class Answerers:
+    """Answer replicas on the cluster; a conversation id always reaches the same replica."""
+
+    def __init__(self, settings, options: ClusterOptions = ClusterOptions()) -> None:
+        ray = _ray()
+        check_settings(settings)
+        key = _models_key(settings, memory=True)
+        remote = ray.remote(AnswerService).options
+        self.replicas = [remote(name=f"vidmem-answer-{key}-{i}", get_if_exists=True, lifetime="detached",
+                                max_restarts=-1, max_task_retries=-1, num_cpus=1, num_gpus=options.gpus_per_answerer)
+                         .remote(settings) for i in range(options.answerers)]
+
+    def wait_ready(self) -> None:
+        """Block until every replica has loaded its models."""
+        _ray().get([replica.ready.remote() for replica in self.replicas])
+
+    def replica(self, conversation: str | None):
+        return self.replicas[zlib.crc32((conversation or "").encode()) % len(self.replicas)]
+
+    def ask(self, question: str, *, conversation: str | None = None, **kwargs: Any) -> dict:
+        """Blocking; returns the answer's JSON (see agents/answer.py) plus the replica's node."""
+        return self._call("ask", question, conversation, kwargs)
+
+    def answer(self, question: str, *, conversation: str | None = None, **kwargs: Any):
+        """Blocking; returns the `Answer` object."""
+        return self._call("answer", question, conversation, kwargs)
+
+    def _call(self, method: str, question: str, conversation: str | None, kwargs: dict):
+        ray = _ray()
+        try:
+            return ray.get(getattr(self.replica(conversation), method).remote(question, conversation, kwargs))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), VidmemError):
+                raise exc.cause from None
+            raise VidmemError(f"the answer replica failed: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def _node_id() -> str:
+    ray = _ray()
+    return ray.get_runtime_context().get_node_id()
+
+
+# -- the front-ends' app ------------------------------------------------------------------------------------
+def open_app(settings, *, address: str | None, readonly: bool = False, options: ClusterOptions = ClusterOptions()):
+    """The `Vidmem` the websocket server and the MQTT monitor hold: local, or reaching the cluster by handles."""
+    from vidmem.agents.app import Vidmem
+
+    address = ray_address(address)
+    if address is None:
+        return Vidmem(settings, readonly=readonly)
+    return _cluster_app_class()(settings, address=address, readonly=readonly, options=options)
+
+
+def _cluster_app_class():
+    from vidmem.agents.app import Vidmem
+
+    class ClusterVidmem(Vidmem):
+        """A Vidmem whose encoding runs on the encoder pool and whose questions run on the answer replicas.
+
+        Sources stay in the front-end (websocket frames arrive there; the monitor's rules watch each commit) and
+        commit to the shared memory; a live stream's questions always reach the replica keeping its window.
+        """
+
+        def __init__(self, settings, *, address: str, readonly: bool, options: ClusterOptions) -> None:
+            super().__init__(settings, readonly=readonly)
+            check_settings(settings)
+            connect(address)
+            self.encoders = encoder_pool(settings, options)
+            self.answerers = Answerers(settings, options)
+
+        def load_models(self) -> None:
+            self.embedder  # noqa: B018 - the text embedder serves rules and queries here; the rest is remote
+            _ray().get([encoder.manifest.remote() for encoder in self.encoders])  # the pool is up
+
+        def manifest(self):
+            from vidmem.memory import Manifest
+
+            return Manifest.from_dict(_ray().get(self.encoders[0].manifest.remote()))
+
+        async def ingest(self, source, *, stream: str, options=None, progress: bool = False, stop=None,
+                         on_segment=None):
+            from vidmem.stream.ingest import IngestOptions, ingest
+
+            await asyncio.to_thread(lambda: self.memory.bind(self.manifest()))
+            encoder = self.encoders[zlib.crc32(stream.encode()) % len(self.encoders)]
+            sink = _RemoteSink(self, stream, encoder, None, on_segment=on_segment)
+            return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
+                                stop=stop)
+
+        def refresh_live(self, stream: str) -> None:
+            """The live window is kept on the replica that answers the stream's questions."""
+            _ray().get(self.answerers.replica(stream).refresh_live.remote(stream))
+
+        def ask(self, question: str, *, streams=None, on_token=None, live: bool = False, **kwargs):
+            conversation = streams[0] if live and streams and len(streams) == 1 else None
+            answer = self.answerers.answer(question, conversation=conversation, streams=streams, live=live, **kwargs)
+            if on_token is not None:
+                on_token(answer.text)  # the whole answer at once: tokens do not stream back from a replica
+            return answer
+
+    return ClusterVidmem

@@ -1,0 +1,794 @@
+"""`SharedMemory`: the memory of a deployment past one machine, behind the same interface as the embedded `Memory`.
+
+    Memory.open("postgresql://vidmem@db:5432/vidmem?index=milvus://milvus:19530&tokens=/mnt/vidmem/tokens")
+
+- PostgreSQL holds streams, segments, retrieval vectors, the change log, rules, events and the manifest
+  (memory/postgres.py); every node and process connects to it.
+- Milvus holds the retrieval index (memory/milvus.py): derived data, replayed from the change log, rebuilt from
+  the `vectors` table when lost.
+- A directory on shared storage (NFS, CephFS, a Kubernetes ReadWriteMany volume) holds the token files, in the
+  embedded layout (memory/tokens.py).
+
+The guarantees are the embedded memory's. Adding a segment locks its stream's row (`SELECT ... FOR UPDATE`,
+so writers on different nodes never interleave inside a token file), writes and fsyncs the record at the
+stream's committed chunk end, then commits the rows: a segment is visible only once its tokens and its row are
+committed, and bytes a killed writer left past the committed end are overwritten by the next one. Retention
+commits the deletions before it removes files. Writers take stream row locks (in name order) before the
+change-log lock, so two writers never wait on each other in a cycle.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from vidmem.errors import ConfigError, MemoryStoreError, UnknownStreamError
+from vidmem.memory import tokens as tok
+from vidmem.memory.milvus import MilvusIndex
+from vidmem.memory.postgres import CHANGES_LOCK, SCHEMA_VERSION, SharedSpec, connect, transaction
+from vidmem.memory.store import CHANGES_KEPT, CHUNK_BYTES, UNIX_EPOCH_2001, Memory, _chunk_limit
+from vidmem.memory.types import Manifest, Retention, SegmentRow, StreamInfo, check_stream_name
+
+log = logging.getLogger(__name__)
+
+MARKER = ".vidmem-memory"  # in the token directory: the instance id of the memory it belongs to
+_SEGMENT_COLUMNS = "s.id, t.name, s.t_start, s.t_end, s.frames, s.cut, s.tokens, s.slow, s.caption, s.views"
+
+
+def _row(r: tuple) -> SegmentRow:
+    return SegmentRow(id=r[0], stream=r[1], start=r[2], end=r[3], frames=r[4], cut=bool(r[5]), tokens=r[6],
+                      slow=r[7], caption=r[8], views=r[9])
+
+
+class SharedMemory:
+    """A memory in PostgreSQL + Milvus + shared token files; any number of writers and readers on any nodes."""
+
+    # Checking and encoding a segment is the embedded memory's code: the same rules, the same record bytes.
+    _prepare = Memory._prepare
+    _check_embedding = staticmethod(Memory._check_embedding)
+
+    def __init__(self, spec: SharedSpec, conn, *, readonly: bool, device: str, token_dtype: str,
+                 chunk_bytes: int) -> None:
+        self.spec = spec
+        self.path = spec.display  # what messages call this memory
+        self.readonly = readonly
+        self.device = device
+        self.token_dtype = token_dtype
+        self.chunk_bytes = chunk_bytes
+        self._conn = conn
+        self._lock = threading.RLock()  # one connection, shared by the worker and event-loop threads
+        self.instance = self._meta("instance") or ""
+        self._files = tok.TokenFiles(spec.tokens, readonly=readonly)
+        self.index = MilvusIndex(spec.index, self.instance)
+        manifest = self._meta("manifest")
+        self.manifest: Manifest | None = Manifest.from_dict(json.loads(manifest)) if manifest else None
+
+    # -- opening -----------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str, *, readonly: bool = False, device: str = "cpu", token_dtype: str = "float16",
+             chunk_bytes: int = CHUNK_BYTES, **_: object) -> SharedMemory:
+        """Open (or, unless readonly, create) the shared memory named by `url` (see memory/postgres.py)."""
+        spec = SharedSpec.parse(url)
+        if token_dtype not in tok.DTYPES:
+            raise ConfigError(f"token_dtype must be one of {', '.join(tok.DTYPES)}, not {token_dtype!r}.")
+        if chunk_bytes < tok.ALIGN:
+            raise ConfigError(f"chunk_bytes must be at least {tok.ALIGN}, not {chunk_bytes}.")
+        conn = connect(spec, create=not readonly)
+        try:
+            if conn.execute("SELECT to_regclass('meta')").fetchone()[0] is None:
+                raise MemoryStoreError(f"no vidmem memory at {spec.display}; run `vidmem ingest` first.")
+            if not readonly:
+                conn.execute("INSERT INTO meta VALUES ('instance', %s), ('schema', %s) ON CONFLICT (key) DO NOTHING",
+                             (secrets.token_hex(8), str(SCHEMA_VERSION)))
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if version is None or int(version[0]) > SCHEMA_VERSION:
+                raise MemoryStoreError(f"{spec.display} was written by a newer or unknown vidmem (schema {version}); "
+                                       "upgrade vidmem.")
+            instance = conn.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()[0]
+            _check_token_dir(spec, instance, readonly=readonly)
+        except BaseException:
+            conn.close()
+            raise
+        memory = cls(spec, conn, readonly=readonly, device="cpu" if device == "auto" else device,
+                     token_dtype=token_dtype, chunk_bytes=chunk_bytes)
+        try:
+            memory.index.client()  # an unreachable Milvus fails now, with one line, not at the first search
+            memory.index.has("image")
+        except BaseException:
+            memory.close()
+            raise
+        return memory
+
+    def __enter__(self) -> SharedMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is None:
+                return
+            self.index.close()
+            self._files.close()
+            self._conn.close()
+            self._conn = None
+
+    # -- small helpers -----------------------------------------------------------------------------------
+    def _db(self):
+        if self._conn is None:
+            raise MemoryStoreError(f"the memory at {self.path} is closed.")
+        return self._conn
+
+    def _q(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return _fetch(self._db(), sql, params)
+
+    def _meta(self, key: str) -> str | None:
+        rows = self._q("SELECT value FROM meta WHERE key = %s", (key,))
+        return rows[0][0] if rows else None
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise MemoryStoreError(f"the memory at {self.path} was opened read-only.")
+
+    @contextmanager
+    def _write(self) -> Iterator:
+        """Hold the thread lock and one PostgreSQL transaction."""
+        self._check_writable()
+        with self._lock, transaction(self._db()) as conn:
+            yield conn
+
+    def _stream_id(self, name: str) -> int:
+        rows = self._q("SELECT id FROM streams WHERE name = %s", (name,))
+        if not rows:
+            raise UnknownStreamError(f"no stream named {name!r} in the memory at {self.path}.")
+        return rows[0][0]
+
+    def _dims(self) -> dict[str, int]:
+        dims = {"image": self.manifest.embed_dim} if self.manifest else {}
+        caption = self._meta("caption_dim")
+        if caption:
+            dims["caption"] = int(caption)
+        return dims
+
+    def _sync_index(self) -> dict[str, int]:
+        """Bring Milvus up to every committed change; returns the kinds and their widths."""
+        with self._lock:
+            if self.manifest is None:
+                stored = self._meta("manifest")  # another process may have bound it since we opened
+                if stored is None:
+                    return {}
+                self.manifest = Manifest.from_dict(json.loads(stored))
+            dims = self._dims()
+            self.index.sync(self._db(), dims)
+            return dims
+
+    def _log_changes(self, conn, sql: str, params: Sequence) -> None:
+        """Append change-log rows; the advisory lock makes sequence numbers commit in order."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
+        conn.execute(sql, params)
+
+    def _after_commit(self) -> None:
+        """A writer pushes its own changes into Milvus at once, so they are searchable without waiting for a reader."""
+        try:
+            self._sync_index()
+        except MemoryStoreError as exc:  # committed is committed: the next search replays it
+            log.warning("the index will catch up later: %s", exc)
+
+    # -- manifest ----------------------------------------------------------------------------------------
+    def bind(self, manifest: Manifest) -> None:
+        """Record what makes this memory's tokens; refuse a different encoder, compressor or embedder."""
+        with self._lock:
+            if self.manifest is None:
+                stored = self._meta("manifest")
+                if stored is None and not self.readonly:
+                    self._q("INSERT INTO meta VALUES ('manifest', %s) ON CONFLICT (key) DO NOTHING",
+                            (json.dumps(manifest.to_dict()),))
+                    stored = self._meta("manifest")
+                self.manifest = Manifest.from_dict(json.loads(stored)) if stored else None
+            if self.manifest is None:
+                raise MemoryStoreError(f"the memory at {self.path} is empty and was opened read-only.")
+            self.manifest.check_compatible(manifest, self.path)
+
+    # -- adding ------------------------------------------------------------------------------------------
+    def add_segment(self, *, stream: str, start: float, end: float, frames: int, cut: bool, tokens: np.ndarray,
+                    slow: int, embedding: np.ndarray, keyframe_jpeg: bytes | None = None,
+                    caption: str | None = None, views: str | None = None) -> SegmentRow:
+        """Store one segment durably; it is visible to readers on every node once this returns."""
+        return self.add_segments([dict(stream=stream, start=start, end=end, frames=frames, cut=cut, tokens=tokens,
+                                       slow=slow, embedding=embedding, keyframe_jpeg=keyframe_jpeg,
+                                       caption=caption, views=views)])[0]
+
+    def add_segments(self, items: Sequence[dict]) -> list[SegmentRow]:
+        """Store several segments in one transaction (one fsync per touched chunk): all or none."""
+        self._check_writable()
+        if self.manifest is None:
+            raise MemoryStoreError("bind a manifest (vision encoder, compressor, embedder) before adding segments.")
+        records = [self._prepare(item) for item in items]
+        incoming: dict[str, int] = {}
+        for rec in records:
+            incoming[rec["stream"]] = incoming.get(rec["stream"], 0) + rec["record_bytes"]
+        for name, nbytes in incoming.items():
+            self._make_room(name, nbytes)
+        rows: list[SegmentRow] = []
+        now = time.time()
+        with self._write() as conn:
+            streams = self._lock_streams(conn, sorted(incoming), now)
+            for rec in records:
+                st = streams[rec["stream"]]
+                sid, chunk, chunk_end, limit = st
+                if chunk_end > 0 and chunk_end + rec["record_bytes"] > limit:
+                    self._files.seal(rec["stream"], chunk, chunk_end)
+                    chunk, chunk_end = chunk + 1, 0
+                self._files.write(rec["stream"], chunk, chunk_end, rec["payload"])
+                rec.update(stream_id=sid, chunk=chunk, offset=chunk_end)
+                st[1], st[2] = chunk, chunk_end + rec["record_bytes"]
+            self._files.sync()  # bytes durable before any row that points at them commits
+            for rec in records:
+                seg_id = conn.execute(
+                    "INSERT INTO segments (stream_id, t_start, t_end, frames, cut, tokens, slow, dim, dtype, chunk,"
+                    " byte_offset, nbytes, checksum, jpeg_bytes, jpeg_checksum, record_bytes, caption, views, created)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (rec["stream_id"], rec["start"], rec["end"], rec["frames"], bool(rec["cut"]), rec["n"], rec["slow"],
+                     rec["d"], self.token_dtype, rec["chunk"], rec["offset"], rec["nbytes"], rec["checksum"],
+                     rec["jpeg_bytes"], rec["jpeg_checksum"], rec["record_bytes"], rec["caption"], rec["views"],
+                     now)).fetchone()[0]
+                rec["id"] = seg_id
+                rec["vid"] = conn.execute("INSERT INTO vectors (segment_id, kind, vec) VALUES (%s, 'image', %s) "
+                                          "RETURNING vid", (seg_id, rec["embedding"].tobytes())).fetchone()[0]
+                conn.execute("UPDATE streams SET bytes = bytes + %s, max_span = GREATEST(max_span, %s) WHERE id = %s",
+                             (rec["record_bytes"], rec["end"] - rec["start"], rec["stream_id"]))
+                rows.append(SegmentRow(id=seg_id, stream=rec["stream"], start=rec["start"], end=rec["end"],
+                                       frames=rec["frames"], cut=bool(rec["cut"]), tokens=rec["n"], slow=rec["slow"],
+                                       caption=rec["caption"], views=rec["views"]))
+            for sid, chunk, chunk_end, _ in streams.values():
+                conn.execute("UPDATE streams SET chunk = %s, chunk_end = %s WHERE id = %s", (chunk, chunk_end, sid))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO changes (op, kind, vid, segment_id) VALUES ('add', 'image', %s, %s)",
+                                [(rec["vid"], rec["id"]) for rec in records])
+        for name in incoming:
+            self._age_out(name)
+        self._after_commit()
+        return rows
+
+    def _lock_streams(self, conn, names: list[str], now: float) -> dict[str, list]:
+        """{name: [stream id, chunk, committed chunk end, chunk size limit]}, rows locked, created when new."""
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO streams (name, created) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                            [(n, now) for n in names])
+        rows = conn.execute("SELECT name, id, chunk, chunk_end, max_bytes FROM streams WHERE name = ANY(%s) "
+                            "ORDER BY name FOR UPDATE", (names,)).fetchall()
+        return {r[0]: [r[1], r[2], r[3], _chunk_limit(r[4], self.chunk_bytes)] for r in rows}
+
+    def extend_segment(self, segment_id: int, *, end: float, frames: int) -> None:
+        """Grow a segment's time range (the static check found a repeat of it)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT s.t_start, t.name FROM segments s JOIN streams t ON t.id = s.stream_id "
+                               "WHERE s.id = %s", (segment_id,)).fetchone()
+            if row is None:
+                raise MemoryStoreError(f"segment {segment_id} is not in the memory at {self.path}.")
+            if not end >= row[0]:
+                raise ConfigError(f"segment end {end} is before its start {row[0]}.")
+            conn.execute("SELECT id FROM streams WHERE name = %s FOR UPDATE", (row[1],))
+            conn.execute("UPDATE segments SET t_end = %s, frames = %s WHERE id = %s",
+                         (float(end), int(frames), segment_id))
+            conn.execute("UPDATE streams SET max_span = GREATEST(max_span, %s) WHERE name = %s",
+                         (float(end) - row[0], row[1]))
+            self._log_changes(conn, "INSERT INTO changes (op, kind, vid, segment_id) SELECT 'extend', kind, vid, "
+                                    "segment_id FROM vectors WHERE segment_id = %s", (segment_id,))
+        self._after_commit()
+
+    def set_caption(self, segment_id: int, caption: str, embedding: np.ndarray | None = None) -> None:
+        """Attach a caption; its embedding (any width, one width per memory) goes to a second index."""
+        vec = None
+        if embedding is not None:
+            vec = np.asarray(embedding, dtype=np.float32).reshape(-1)  # (E',)
+            known = self._meta("caption_dim")
+            vec = self._check_embedding(vec, int(known) if known else vec.shape[0])
+        with self._write() as conn:
+            if conn.execute("UPDATE segments SET caption = %s WHERE id = %s", (caption, segment_id)).rowcount == 0:
+                raise MemoryStoreError(f"segment {segment_id} is not in the memory at {self.path}.")
+            if vec is None:
+                return
+            conn.execute("INSERT INTO meta VALUES ('caption_dim', %s) ON CONFLICT (key) DO NOTHING",
+                         (str(vec.shape[0]),))
+            self._log_changes(conn, "INSERT INTO changes (op, kind, vid, segment_id) SELECT 'del', kind, vid, "
+                                    "segment_id FROM vectors WHERE segment_id = %s AND kind = 'caption'", (segment_id,))
+            conn.execute("DELETE FROM vectors WHERE segment_id = %s AND kind = 'caption'", (segment_id,))
+            vid = conn.execute("INSERT INTO vectors (segment_id, kind, vec) VALUES (%s, 'caption', %s) RETURNING vid",
+                               (segment_id, vec.tobytes())).fetchone()[0]
+            conn.execute("INSERT INTO changes (op, kind, vid, segment_id) VALUES ('add', 'caption', %s, %s)",
+                         (vid, segment_id))
+        self._after_commit()
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def _locate(self, segment_id: int) -> tuple:
+        rows = self._q("SELECT t.name, s.chunk, s.byte_offset, s.nbytes, s.checksum, s.tokens, s.dim, s.dtype, "
+                       "s.jpeg_bytes, s.jpeg_checksum FROM segments s JOIN streams t ON t.id = s.stream_id "
+                       "WHERE s.id = %s", (segment_id,))
+        if not rows:
+            raise MemoryStoreError(f"segment {segment_id} is no longer in the memory at {self.path} "
+                                   "(deleted by retention?).")
+        return rows[0]
+
+    def read_tokens(self, row: SegmentRow | int) -> np.ndarray:
+        """The segment's (N, D) float16 tokens, memory-mapped; raises MemoryStoreError on a checksum mismatch."""
+        seg_id = row if isinstance(row, int) else row.id
+        name, chunk, offset, nbytes, crc, n, d, dtype, _, _ = self._locate(seg_id)
+        with self._lock:  # the mapping cache is shared by threads
+            view = self._files.view(name, chunk, offset, nbytes)
+        if tok.checksum(view) != crc:
+            raise MemoryStoreError(f"segment {seg_id} of stream {name!r} failed its checksum; its token file "
+                                   f"{self._files.path(name, chunk)} is damaged.")
+        return tok.decode(view, n, d, dtype)
+
+    def keyframe_jpeg(self, row: SegmentRow | int) -> bytes | None:
+        seg_id = row if isinstance(row, int) else row.id
+        name, chunk, offset, nbytes, _, _, _, _, jpeg_bytes, jpeg_crc = self._locate(seg_id)
+        if not jpeg_bytes:
+            return None
+        with self._lock:
+            view = self._files.view(name, chunk, offset + nbytes, jpeg_bytes)
+        if tok.checksum(view) != jpeg_crc:
+            raise MemoryStoreError(f"the keyframe of segment {seg_id} failed its checksum.")
+        return bytes(view)
+
+    def segments(self, *, stream: str | None = None, since: float | None = None, until: float | None = None,
+                 limit: int | None = None) -> list[SegmentRow]:
+        """Segments overlapping [since, until], chronological by start."""
+        where, params = self._range_filter(stream, since, until)
+        sql = f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id {where} " \
+              "ORDER BY s.t_start, s.id"
+        if limit is not None:
+            sql += " LIMIT %s"
+            params.append(int(limit))
+        return [_row(r) for r in self._q(sql, params)]
+
+    def _range_filter(self, stream: str | None, since: float | None, until: float | None) -> tuple[str, list]:
+        clauses, params = [], []
+        if stream is not None:
+            clauses.append("s.stream_id = %s")
+            params.append(self._stream_id(stream))
+        if since is not None:
+            span = self._q("SELECT COALESCE(MAX(max_span), 0) FROM streams")[0][0]
+            clauses.append("s.t_start >= %s AND s.t_end >= %s")
+            params += [float(since) - span, float(since)]
+        if until is not None:
+            clauses.append("s.t_start <= %s")
+            params.append(float(until))
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def last_segment(self, stream: str) -> SegmentRow | None:
+        sid = self._stream_id(stream)
+        rows = self._q(f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id "
+                       "WHERE s.stream_id = %s ORDER BY s.t_start DESC, s.id DESC LIMIT 1", (sid,))
+        return _row(rows[0]) if rows else None
+
+    def get_segment(self, segment_id: int) -> SegmentRow | None:
+        rows = self._q(f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id "
+                       "WHERE s.id = %s", (segment_id,))
+        return _row(rows[0]) if rows else None
+
+    def _rows_by_id(self, ids: list[int]) -> dict[int, SegmentRow]:
+        if not ids:
+            return {}
+        rows = self._q(f"SELECT {_SEGMENT_COLUMNS} FROM segments s JOIN streams t ON t.id = s.stream_id "
+                       "WHERE s.id = ANY(%s)", (list(ids),))
+        return {r[0]: _row(r) for r in rows}
+
+    def has_stream(self, name: str) -> bool:
+        return bool(self._q("SELECT 1 FROM streams WHERE name = %s", (name,)))
+
+    def streams(self) -> list[StreamInfo]:
+        rows = self._q("SELECT t.name, COUNT(s.id), t.bytes, MIN(s.t_start), MAX(s.t_end), "
+                       "COALESCE(SUM(s.t_end - s.t_start), 0) FROM streams t LEFT JOIN segments s ON s.stream_id = t.id "
+                       "GROUP BY t.id ORDER BY t.name")
+        return [StreamInfo(name=r[0], segments=r[1], bytes=r[2], start=r[3], end=r[4], seconds_covered=float(r[5]))
+                for r in rows]
+
+    def stats(self) -> dict:
+        infos = self.streams()
+        return {
+            "path": self.path,
+            "manifest": self.manifest.to_dict() if self.manifest else None,
+            "streams": [{"name": i.name, "segments": i.segments, "bytes": i.bytes, "start": i.start, "end": i.end,
+                         "seconds": i.seconds_covered} for i in infos],
+            "segments": sum(i.segments for i in infos),
+            "bytes": sum(i.bytes for i in infos),
+            "seconds_covered": sum(i.seconds_covered for i in infos),
+        }
+
+    def disk_bytes(self, stream: str | None = None) -> int:
+        """Bytes of token files on the shared storage (all streams, or one)."""
+        names = [stream] if stream is not None else [i.name for i in self.streams()]
+        return sum(sum(self._files.chunks_on_disk(n).values()) for n in names)
+
+    # -- search ------------------------------------------------------------------------------------------
+    def search(self, query: np.ndarray, *, k: int = 32, streams: list[str] | None = None,
+               since: float | None = None, until: float | None = None,
+               kinds: list[str] | None = None) -> list[tuple[SegmentRow, float]]:
+        """Segments whose keyframe (or caption) embedding best matches `query`, best first, by inner product."""
+        dims = self._sync_index()
+        if not dims or k <= 0:
+            return []
+        q = np.asarray(query, dtype=np.float32).reshape(-1)  # (E,)
+        if kinds is not None and not set(kinds) <= {"image", "caption"}:
+            raise ConfigError(f"unknown index kinds {sorted(set(kinds) - {'image', 'caption'})}; use image or caption.")
+        wanted = [kind for kind in dims if kinds is None or kind in kinds]
+        if not wanted:
+            return []
+        kinds = [kind for kind in wanted if dims[kind] == q.shape[0]]
+        if not kinds:
+            raise ConfigError(f"the query embedding has width {q.shape[0]}; this memory's {'/'.join(wanted)} "
+                              f"embeddings have width {', '.join(str(dims[w]) for w in wanted)}.")
+        stream_ids = None
+        if streams is not None:
+            stream_ids = [self._stream_id(check_stream_name(s)) for s in streams]
+        best: dict[int, float] = {}
+        with self._lock:
+            for kind in kinds:
+                for seg, score in self.index.search(kind, q, k, stream_ids, since, until):
+                    if score > best.get(seg, -np.inf):
+                        best[seg] = score
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])[:k]
+        rows = self._rows_by_id([seg for seg, _ in ranked])  # committed rows only: deleted ones drop out
+        return [(rows[seg], score) for seg, score in ranked if seg in rows]
+
+    @property
+    def caption_dim(self) -> int | None:
+        """Width of the caption embeddings once the first one is stored, else None."""
+        value = self._meta("caption_dim")
+        return int(value) if value else None
+
+    def rebuild_index(self) -> None:
+        """Drop the Milvus collections and rebuild them from the vectors stored in PostgreSQL."""
+        self._sync_index()
+        with self._lock:
+            if self.manifest is not None:
+                self.index.rebuild(self._db(), self._dims())
+
+    def index_ids(self, kind: str = "image") -> set[int]:
+        """Segment ids the (caught-up) Milvus collection holds; for consistency checks."""
+        dims = self._sync_index()
+        if kind not in dims:
+            return set()
+        with self._lock:
+            max_vid = self._q("SELECT last_value FROM vectors_vid_seq")[0][0]
+            return self.index.segment_ids(kind, max_vid)
+
+    def verify(self) -> dict:
+        """Check every segment's checksums and the index against PostgreSQL; returns counts and the bad ids."""
+        bad: list[int] = []
+        rows = self.segments()
+        for row in rows:
+            try:
+                self.read_tokens(row)
+                self.keyframe_jpeg(row)
+            except MemoryStoreError:
+                bad.append(row.id)
+        ids = {r.id for r in rows}
+        indexed = self.index_ids()
+        return {"segments": len(rows), "bad": bad, "missing_from_index": sorted(ids - indexed),
+                "extra_in_index": sorted(indexed - ids)}
+
+    # -- retention ---------------------------------------------------------------------------------------
+    def set_retention(self, stream: str, retention: Retention) -> None:
+        name = check_stream_name(stream)
+        with self._write() as conn:
+            conn.execute("INSERT INTO streams (name, created) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                         (name, time.time()))
+            conn.execute("UPDATE streams SET max_age = %s, max_bytes = %s WHERE name = %s",
+                         (retention.max_age_seconds, retention.max_bytes, name))
+
+    def retention(self, stream: str) -> Retention:
+        rows = self._q("SELECT max_age, max_bytes FROM streams WHERE name = %s", (stream,))
+        if not rows:
+            raise UnknownStreamError(f"no stream named {stream!r} in the memory at {self.path}.")
+        return Retention(max_age_seconds=rows[0][0], max_bytes=rows[0][1])
+
+    def apply_retention(self, stream: str | None = None) -> int:
+        """Enforce the retention of one stream (or all); returns how many segments were deleted."""
+        self._check_writable()
+        names = [stream] if stream is not None else [i.name for i in self.streams()]
+        deleted = sum(self._age_out(name) + self._make_room(name, 0) for name in names)
+        if deleted:
+            self._after_commit()
+        return deleted
+
+    def delete_stream(self, stream: str) -> int:
+        """Delete a stream with all its segments and files; returns how many segments were deleted."""
+        with self._write() as conn:
+            sid = self._stream_id(stream)
+            conn.execute("SELECT id FROM streams WHERE id = %s FOR UPDATE", (sid,))
+            deleted = self._delete_segments(conn, "stream_id = %s", (sid,))
+            conn.execute("DELETE FROM streams WHERE id = %s", (sid,))
+        self._files.remove_stream(stream)
+        self._after_commit()
+        return deleted
+
+    def _age_out(self, name: str) -> int:
+        with self._lock:
+            rows = self._q("SELECT id, max_age, max_span FROM streams WHERE name = %s", (name,))
+            if not rows or rows[0][1] is None:
+                return 0
+            sid, max_age, span = rows[0]
+            newest = self._q("SELECT MAX(t_end) FROM segments WHERE stream_id = %s AND t_start >= "
+                             "(SELECT MAX(t_start) FROM segments WHERE stream_id = %s) - %s", (sid, sid, span))[0][0]
+            if newest is None:
+                return 0
+            # Live streams carry unix times: age counts from now; recordings keep their last max_age seconds.
+            now = max(newest, time.time()) if newest > UNIX_EPOCH_2001 else newest
+            cutoff = now - max_age
+            with self._write() as conn:
+                conn.execute("SELECT id FROM streams WHERE id = %s FOR UPDATE", (sid,))
+                deleted = self._delete_segments(conn, "stream_id = %s AND t_start < %s AND t_end < %s",
+                                                (sid, cutoff, cutoff))
+        if deleted:
+            self._free_chunks(name)
+            log.info("retention removed %d segments older than %.0f s from stream %s", deleted, max_age, name)
+        return deleted
+
+    def _make_room(self, name: str, incoming: int) -> int:
+        """Delete the stream's oldest chunks until its files plus `incoming` bytes fit its byte limit."""
+        with self._lock:
+            rows = self._q("SELECT id, max_bytes FROM streams WHERE name = %s", (name,))
+            if not rows or rows[0][1] is None:
+                return 0
+            with self._write() as conn:
+                sid, chunk, chunk_end, max_bytes = conn.execute(
+                    "SELECT id, chunk, chunk_end, max_bytes FROM streams WHERE id = %s FOR UPDATE",
+                    (rows[0][0],)).fetchone()
+                sizes = self._files.chunks_on_disk(name)
+                sizes[chunk] = chunk_end  # past the committed end is garbage a writer will overwrite
+                total = sum(sizes.values())
+                if total + incoming <= max_bytes:
+                    return 0
+                if incoming > max_bytes:
+                    log.warning("a segment of %d bytes exceeds stream %s's limit of %d bytes", incoming, name, max_bytes)
+                victims = []
+                for c in sorted(sizes):
+                    if total + incoming <= max_bytes:
+                        break
+                    victims.append(c)
+                    total -= sizes[c]
+                if chunk in victims:  # the active chunk goes too: new records start a fresh one
+                    self._files.seal(name, chunk, chunk_end)
+                    conn.execute("UPDATE streams SET chunk = %s, chunk_end = 0 WHERE id = %s", (chunk + 1, sid))
+                deleted = self._delete_segments(conn, "stream_id = %s AND chunk = ANY(%s)", (sid, victims))
+            for c in victims:  # rows are committed as deleted before their bytes go
+                self._files.delete_chunk(name, c)
+        if deleted:
+            log.info("retention removed %d segments from stream %s to stay under %d bytes", deleted, name, max_bytes)
+        return deleted
+
+    def _free_chunks(self, name: str) -> None:
+        """Delete chunk files no live segment points into (all but the active chunk)."""
+        with self._lock:
+            rows = self._q("SELECT id, chunk FROM streams WHERE name = %s", (name,))
+            if not rows:
+                return
+            sid, active = rows[0]
+            used = {r[0] for r in self._q("SELECT DISTINCT chunk FROM segments WHERE stream_id = %s", (sid,))}
+            for c in self._files.chunks_on_disk(name):
+                if c < active and c not in used:
+                    self._files.delete_chunk(name, c)
+
+    def _delete_segments(self, conn, where: str, params: tuple) -> int:
+        """Delete matching segments with their vectors, logging the removals for the index."""
+        ids = [r[0] for r in conn.execute(f"SELECT id FROM segments WHERE {where}", params).fetchall()]
+        if not ids:
+            return 0
+        self._log_changes(conn, "INSERT INTO changes (op, kind, vid, segment_id) SELECT 'del', kind, vid, segment_id "
+                                "FROM vectors WHERE segment_id = ANY(%s)", (ids,))
+        conn.execute("DELETE FROM vectors WHERE segment_id = ANY(%s)", (ids,))
+        conn.execute("UPDATE streams SET bytes = bytes - d.total FROM (SELECT stream_id, SUM(record_bytes) AS total "
+                     "FROM segments WHERE id = ANY(%s) GROUP BY stream_id) d WHERE streams.id = d.stream_id", (ids,))
+        conn.execute("DELETE FROM segments WHERE id = ANY(%s)", (ids,))
+        head = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+        if head > CHANGES_KEPT:
+            conn.execute("DELETE FROM changes WHERE seq <= %s", (head - CHANGES_KEPT,))
+        return len(ids)
+
+    # -- rules and events ----------------------------------------------------------------------------------
+    def put_rule(self, stream: str, rule: dict) -> None:
+        name = check_stream_name(stream)
+        rule_id = rule.get("id") if isinstance(rule, dict) else None
+        if not isinstance(rule_id, str) or not rule_id:
+            raise ConfigError("a rule needs a non-empty string 'id'.")
+        with self._write() as conn:
+            conn.execute("INSERT INTO rules (stream, id, body, updated) VALUES (%s, %s, %s, %s) ON CONFLICT "
+                         "(stream, id) DO UPDATE SET body = EXCLUDED.body, updated = EXCLUDED.updated",
+                         (name, rule_id, json.dumps(rule), time.time()))
+
+    def delete_rule(self, stream: str, rule_id: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM rules WHERE stream = %s AND id = %s", (stream, rule_id)).rowcount > 0
+
+    def rules(self, stream: str | None = None) -> list[dict]:
+        sql, params = "SELECT stream, body FROM rules", ()
+        if stream is not None:
+            sql, params = sql + " WHERE stream = %s", (stream,)
+        out = []
+        for name, body in self._q(sql + " ORDER BY stream, updated, id", params):
+            rule = json.loads(body)
+            rule.setdefault("stream", name)
+            out.append(rule)
+        return out
+
+    def add_event(self, event: dict) -> None:
+        event_id = event.get("id")
+        if not isinstance(event_id, str) or not event_id:
+            raise ConfigError("an event needs a non-empty string 'id'.")
+        with self._write() as conn:
+            conn.execute("INSERT INTO events (id, stream, start_time, body) VALUES (%s, %s, %s, %s) ON CONFLICT (id) "
+                         "DO UPDATE SET stream = EXCLUDED.stream, start_time = EXCLUDED.start_time, body = EXCLUDED.body",
+                         (event_id, event.get("stream"), event.get("start_time"), json.dumps(event)))
+
+    def update_event(self, event_id: str, **fields: object) -> None:
+        with self._write() as conn:
+            row = conn.execute("SELECT body FROM events WHERE id = %s FOR UPDATE", (event_id,)).fetchone()
+            if row is None:
+                raise MemoryStoreError(f"no event {event_id!r} in the memory at {self.path}.")
+            event = {**json.loads(row[0]), **fields}
+            conn.execute("UPDATE events SET stream = %s, start_time = %s, body = %s WHERE id = %s",
+                         (event.get("stream"), event.get("start_time"), json.dumps(event), event_id))
+
+    def events(self, *, stream: str | None = None, since: float | None = None) -> list[dict]:
+        clauses, params = [], []
+        if stream is not None:
+            clauses.append("stream = %s")
+            params.append(stream)
+        if since is not None:
+            clauses.append("start_time >= %s")
+            params.append(float(since))
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        return [json.loads(r[0]) for r in self._q(f"SELECT body FROM events {where} ORDER BY start_time, id", params)]
+
+
+def _fetch(conn, sql: str, params: Sequence) -> list[tuple]:
+    import psycopg
+
+    try:
+        cur = conn.execute(sql, params)
+        return cur.fetchall() if cur.description is not None else []
+    except psycopg.OperationalError as exc:
+        raise MemoryStoreError(f"lost the connection to PostgreSQL: {str(exc).strip()}") from None
+
+
+def _check_token_dir(spec: SharedSpec, instance: str, *, readonly: bool) -> None:
+    """The token directory belongs to this memory (a marker names its instance); created unless readonly."""
+    root = spec.tokens
+    marker = root / MARKER
+    if not readonly:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not marker.exists():
+                marker.write_text(instance + "\n")
+        except OSError as exc:
+            raise MemoryStoreError(f"cannot create the token directory {root}: {exc.strerror}.") from None
+    if not root.is_dir():
+        raise MemoryStoreError(f"the token directory {root} of {spec.display} is missing; is the shared storage "
+                               "mounted on this node?")
+    owner = marker.read_text().strip() if marker.is_file() else None
+    if owner is not None and owner != instance:
+        raise MemoryStoreError(f"the token directory {root} belongs to another vidmem memory ({owner}), not to "
+                               f"{spec.display} ({instance}); give each memory its own tokens=DIR.")
+
+
+# -- migrate -------------------------------------------------------------------------------------------------
+MIGRATE_BATCH = 64  # segments per transaction when copying
+
+
+def migrate(source: str | Path, url: str, *, on_progress=None) -> dict:
+    """Copy the embedded memory at `source` into the shared memory at `url`, then verify the copy.
+
+    Streams, segments (tokens, keyframes, retrieval and caption embeddings, captions), retention settings,
+    rules and events are copied; segment ids are the target's own. The copy is verified segment by segment
+    (times, token bytes, keyframes) and the target's index is checked against its rows. Streams already present
+    in the target are refused, so a memory is never merged into itself twice.
+    """
+    import sqlite3
+
+    from vidmem.memory.store import DB_NAME
+
+    with Memory.open(source, readonly=True) as src, SharedMemory.open(url) as dst:
+        if src.manifest is None:
+            raise MemoryStoreError(f"the memory at {src.path} holds no segments; nothing to migrate.")
+        dst.bind(src.manifest)
+        names = [info.name for info in src.streams()]
+        clash = [name for name in names if dst.has_stream(name)]
+        if clash:
+            raise MemoryStoreError(f"{dst.path} already holds stream(s) {', '.join(clash)}; migrate into an empty "
+                                   "shared memory.")
+        vectors = sqlite3.connect(f"file:{Path(source).expanduser() / DB_NAME}?mode=ro", uri=True)
+        try:
+            pairs: list[tuple[SegmentRow, SegmentRow]] = []
+            for name in names:
+                rows = sorted(src.segments(stream=name), key=lambda r: r.id)  # insertion order: chunks age in order
+                for lo in range(0, len(rows), MIGRATE_BATCH):
+                    batch = rows[lo:lo + MIGRATE_BATCH]
+                    pairs += zip(batch, _copy_batch(src, dst, vectors, batch))
+                    if on_progress is not None:
+                        on_progress(len(pairs))
+                dst.set_retention(name, src.retention(name))
+        finally:
+            vectors.close()
+        for rule in src.rules():
+            dst.put_rule(rule["stream"], rule)
+        events = src.events()
+        for event in events:
+            dst.add_event(event)
+        report = _verify_copy(src, dst, pairs)
+        report.update(source=str(src.path), target=dst.path, streams=len(names), rules=len(src.rules()),
+                      events=len(events))
+        return report
+
+
+def _copy_batch(src: Memory, dst: SharedMemory, vectors, batch: list[SegmentRow]) -> list[SegmentRow]:
+    marks = ",".join("?" * len(batch))
+    stored = {(seg, kind): vec for seg, kind, vec in vectors.execute(
+        f"SELECT segment_id, kind, vec FROM vectors WHERE segment_id IN ({marks})", [r.id for r in batch])}
+    dtypes = dict(vectors.execute(f"SELECT id, dtype FROM segments WHERE id IN ({marks})", [r.id for r in batch]))
+    items = []
+    for row in batch:
+        if (row.id, "image") not in stored:
+            raise MemoryStoreError(f"segment {row.id} of {src.path} has no retrieval embedding; run "
+                                   "`rebuild_index` there first.")
+        items.append(dict(stream=row.stream, start=row.start, end=row.end, frames=row.frames, cut=row.cut,
+                          tokens=src.read_tokens(row), slow=row.slow, keyframe_jpeg=src.keyframe_jpeg(row),
+                          embedding=np.frombuffer(stored[row.id, "image"], dtype=np.float32), caption=row.caption,
+                          views=row.views))
+    copied: list[tuple[int, SegmentRow]] = []  # (index in batch, the copy)
+    # Each segment keeps the dtype it was stored with (a memory may hold fp16 and int8 records).
+    for dtype in sorted(set(dtypes.values())):
+        dst.token_dtype = dtype
+        chosen = [i for i, row in enumerate(batch) if dtypes[row.id] == dtype]
+        for i, new in zip(chosen, dst.add_segments([items[i] for i in chosen])):
+            copied.append((i, new))
+    copied.sort(key=lambda pair: pair[0])
+    out = [new for _, new in copied]
+    for row, new in zip(batch, out):
+        vec = stored.get((row.id, "caption"))
+        if vec is not None:
+            dst.set_caption(new.id, row.caption or "", np.frombuffer(vec, dtype=np.float32))
+    return out
+
+
+def _verify_copy(src: Memory, dst: SharedMemory, pairs: list[tuple[SegmentRow, SegmentRow]]) -> dict:
+    mismatched = []
+    for old, new in pairs:
+        again = dst.get_segment(new.id)
+        same = again is not None and (again.stream, again.start, again.end, again.frames, again.cut, again.tokens,
+                                      again.slow, again.caption, again.views) == (old.stream, old.start, old.end,
+                                                                                   old.frames, old.cut, old.tokens,
+                                                                                   old.slow, old.caption, old.views)
+        same = same and np.array_equal(dst.read_tokens(new), src.read_tokens(old)) \
+            and dst.keyframe_jpeg(new) == src.keyframe_jpeg(old)
+        if not same:
+            mismatched.append(old.id)
+    check = dst.verify()
+    counts = {s.name: s.segments for s in src.streams()}
+    copied = {s.name: s.segments for s in dst.streams() if s.name in counts}
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} segments differ from the source (first: {mismatched[:5]})")
+    if check["bad"]:
+        problems.append(f"{len(check['bad'])} segments fail their checksums")
+    if check["missing_from_index"] or check["extra_in_index"]:
+        problems.append(f"the index misses {len(check['missing_from_index'])} and has "
+                        f"{len(check['extra_in_index'])} extra segments")
+    if copied != counts:
+        problems.append(f"segment counts differ: source {counts}, copy {copied}")
+    if problems:
+        raise MemoryStoreError(f"the copy in {dst.path} failed verification: {'; '.join(problems)}.")
+    return {"segments": len(pairs), "verified": True,
+            "captions": sum(1 for old, _ in pairs if old.caption), "bytes": sum(s.bytes for s in dst.streams())}

@@ -1,0 +1,136 @@
+"""The cluster scenario, run by tests/test_cluster.py inside a network namespace that has only loopback.
+
+Starts PostgreSQL, Milvus Lite and a two-node Ray cluster (ray.cluster_utils), ingests 4 streams as source
+actors, removes the worker node once a stream on it has committed segments, waits for every stream to finish,
+asks from separate processes (plain `vidmem ask --memory URL`, and `vidmem ask --ray` twice in one conversation),
+and prints one JSON object of what it saw. The test makes the assertions.
+
+    python3 tests/cluster_scenario.py VIDEO LLAVA_DIR CLIP_DIR WORK_DIR
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+STREAMS = ("cam1", "cam2", "cam3", "cam4")
+FPS = 2.0
+REPLAY_SPEED = 1.0  # frames arrive as from cameras: every stream is still running when the node goes
+
+
+def vidmem(*args: str, env: dict) -> dict:
+    result = subprocess.run([sys.executable, "-m", "vidmem", *args, "--json"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    if result.returncode != 0:
+        raise SystemExit(f"vidmem {args[0]} failed: {result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fingerprint(memory, row) -> int:
+    return zlib.crc32(memory.read_tokens(row).tobytes())
+
+
+def main() -> None:
+    video, llava, clip, work = sys.argv[1:5]
+    work_dir = Path(work)
+    from cluster_support import start_milvus, start_postgres
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from vidmem.agents import cluster
+    from vidmem.agents.app import Settings
+    from vidmem.memory import Memory
+    from vidmem.stream import IngestOptions, open_source
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDMEM_MODEL": llava, "VIDMEM_EMBEDDER": clip}
+    out: dict = {}
+    pg, milvus = start_postgres(), start_milvus()
+    head = None
+    try:
+        url = f"{pg.create_database('scenario')}?index={milvus.url}&tokens={work_dir / 'tokens'}"
+        out["url"] = url
+        Memory.open(url).close()  # create the tables, so readers can open it before the first segment
+        # The reference: the same video ingested by one process into an embedded memory.
+        reference = vidmem("ingest", video, "--memory", str(work_dir / "reference"), "--fps", str(FPS), "--stream",
+                           "ref", env=env)
+        with Memory.open(work_dir / "reference", readonly=True) as ref:
+            out["reference"] = [[r.start, r.end] for r in ref.segments(stream="ref")]
+        out["reference_segments"] = reference["segments"]
+
+        head = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+        worker = head.add_node(num_cpus=4)
+        ray.init(address=head.address, namespace=cluster.NAMESPACE, log_to_driver=False)
+        head.wait_for_nodes()
+        out["address"] = head.address
+        settings = Settings(memory=url, model=llava, embedder=clip, device="cpu")
+        options = cluster.ClusterOptions(replay_speed=REPLAY_SPEED)  # 4 sources + the encoder fit the head alone
+        actors = cluster.start_sources(settings, {s: video for s in STREAMS}, ingest_options=IngestOptions(fps=FPS),
+                                       options=options)
+        placed = dict(zip(actors, ray.get([a.where.remote() for a in actors.values()])))  # before run: in order
+        runs = {stream: actor.run.remote() for stream, actor in actors.items()}
+        out["placed_on_worker"] = sorted(s for s, node in placed.items() if node == worker.node_id)
+        if not out["placed_on_worker"]:
+            raise SystemExit(f"SPREAD put no source on the worker node: {placed}")
+
+        # Kill the worker node once a stream on it has committed segments (mid-ingest: frames arrive in real time).
+        with Memory.open(url, readonly=True) as memory:
+            deadline = time.monotonic() + 240
+            victim = out["placed_on_worker"][0]
+            while time.monotonic() < deadline:
+                if memory.has_stream(victim) and len(memory.segments(stream=victim)) >= 2:
+                    break
+                done, _ = ray.wait(list(runs.values()), timeout=0.2)
+                if done:
+                    ray.get(done)  # a failed run raises here, with its error
+                    raise SystemExit("a stream finished before the worker node was killed")
+            else:
+                raise SystemExit("no segment was committed on the worker node within 240 s")
+            before = {r.id: [r.stream, r.start, r.end, fingerprint(memory, r)] for r in memory.segments()}
+            head.remove_node(worker, allow_graceful=False)
+            out["killed_at"] = {s: len([r for r in before.values() if r[0] == s]) for s in STREAMS}
+        out["before"] = before
+        reports = {stream: ray.get(ref, timeout=300) for stream, ref in runs.items()}
+        out["reports"] = reports
+        with Memory.open(url, readonly=True) as memory:
+            out["after"] = {r.id: [r.stream, r.start, r.end, fingerprint(memory, r)] for r in memory.segments()}
+            out["verify"] = memory.verify()
+
+        # What `vidmem serve --ray` and `vidmem monitor --ray` hold: sources local, encoding and answers remote.
+        app = cluster.open_app(settings, address=head.address)
+        app.load_models()
+        report = asyncio.run(app.ingest(open_source(video), stream="front", options=IngestOptions(fps=FPS)))
+        live = [app.ask("what is happening now?", streams=["front"], live=True) for _ in range(2)]
+        with Memory.open(url, readonly=True) as memory:
+            out["front"] = {"app": type(app).__name__, "segments": report.segments,
+                            "spans": [[r.start, r.end] for r in memory.segments(stream="front")],
+                            "answers": [{"answer": a.text, "streams": sorted({p.row.stream for p in a.picks}),
+                                         "follow_up": a.follow_up} for a in live]}
+        app.close()
+        ray.shutdown()
+
+        # Questions from other processes: the shared memory read directly, then answer replicas on the cluster.
+        out["ask"] = vidmem("ask", "what happens on cam1?", "--memory", url, "--stream", "cam1", env=env)
+        ray_env = {**env, cluster.ENV: head.address}
+        out["ray_ask"] = [vidmem("ask", question, "--memory", url, "--conversation", "kitchen-chat", env=ray_env)
+                          for question in ("what is happening?", "and then?")]
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if head is not None:
+            head.shutdown()
+        milvus.stop()
+        pg.stop()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""vidmem on a real two-node Ray cluster with a shared memory in real PostgreSQL and Milvus.
+
+Ray advertises the machine's address instead of 127.0.0.1, so the scenario (tests/cluster_scenario.py) runs in a
+network namespace with only loopback (`unshare -n`), where every node, PostgreSQL and Milvus bind 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from services import ensure_debian_package
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_models, videos, tmp_path_factory) -> dict:
+    unshare = shutil.which("unshare") or ensure_debian_package("unshare", "util-linux")
+    ip = shutil.which("ip") or ensure_debian_package("ip", "iproute2")
+    work = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO.parent)]))}
+    command = (f"{ip} link set lo up && exec {sys.executable} {HERE / 'cluster_scenario.py'} "
+               f"{videos['demo.mp4']['file']} {tiny_models.llava} {tiny_models.clip} {work}")
+    result = subprocess.run([unshare, "-n", "bash", "-c", command], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _by_stream(rows: dict) -> dict[str, list]:
+    out = defaultdict(list)
+    for seg_id, (stream, start, end, crc) in rows.items():
+        out[stream].append((start, end))
+    return {stream: sorted(spans) for stream, spans in out.items()}
+
+
+def test_four_streams_survive_losing_a_worker_node_mid_ingest(scenario) -> None:
+    streams = ("cam1", "cam2", "cam3", "cam4")
+    killed = scenario["placed_on_worker"]
+    assert killed, "some source ran on the worker node"
+    # Mid-ingest: the killed node's streams had committed some, not all, of their segments.
+    assert all(0 < scenario["killed_at"][s] < len(scenario["reference"]) for s in killed)
+    # Nothing committed before the kill was lost or changed: same ids, times and token bytes.
+    before, after = scenario["before"], scenario["after"]
+    assert {k: after.get(k) for k in before} == before
+    # Each stream ends exactly as a single-process ingest of the same video: no gap, nothing stored twice.
+    reference = [tuple(span) for span in scenario["reference"]]
+    assert _by_stream(after) == {s: reference for s in streams}
+    for stream in killed:  # restarted on the surviving node, resuming after its last committed segment
+        report = scenario["reports"][stream]
+        assert report["restarted"] and report["resumed_after"] is not None and report["skipped"] > 0
+    assert all(not scenario["reports"][s]["restarted"] for s in streams if s not in killed)
+    assert scenario["verify"] == {"segments": 4 * len(reference), "bad": [], "missing_from_index": [],
+                                  "extra_in_index": []}
+
+
+def test_questions_from_other_processes_reach_the_shared_memory_and_keep_their_replica(scenario) -> None:
+    answer = scenario["ask"]  # plain `vidmem ask --memory URL` in a fresh process
+    # (tiny random checkpoints may answer with an empty string: what they cite is what is checked)
+    assert isinstance(answer["answer"], str) and answer["segments"]
+    assert all(s["stream"] == "cam1" for s in answer["segments"])
+    first, follow_up = scenario["ray_ask"]  # `vidmem ask --ray` twice in one conversation
+    assert isinstance(first["answer"], str) and first["visual_tokens"] > 0
+    assert {s["stream"] for s in first["segments"]} <= {"cam1", "cam2", "cam3", "cam4"}
+    assert follow_up["replica"] == first["replica"] and follow_up["follow_up"]
+    assert follow_up["cached_tokens"] > 0 and follow_up["prefill_tokens"] < first["prefill_tokens"]
+
+
+def test_the_front_ends_app_encodes_and_answers_on_the_cluster(scenario) -> None:
+    front = scenario["front"]  # the app `serve --ray` and `monitor --ray` hold
+    assert front["app"] == "ClusterVidmem"
+    assert front["spans"] == scenario["reference"] and front["segments"] == len(scenario["reference"])
+    for answer in front["answers"]:
+        assert isinstance(answer["answer"], str) and answer["streams"] == ["front"]
+
+
+def test_ray_without_a_shared_memory_is_refused_in_one_line(tmp_path, videos) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO.parent)]))}
+    result = subprocess.run([sys.executable, "-m", "vidmem", "ingest", str(videos["demo.mp4"]["file"]), "--ray",
+                             "127.0.0.1:6379", "--memory", str(tmp_path / "memory")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("vidmem: error: --ray needs a shared memory") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "memory").exists()
