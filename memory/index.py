@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import sqlite3
 import tempfile
 import threading
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 BATCH = 10_000  # vectors read from SQLite per batch when rebuilding or catching up (bounds the transient RAM)
 TRAIN_PER_LIST = 40  # k-means sample size per IVF list (faiss warns below 39)
 GPU_RECOPY_SECONDS = 30.0  # a changed index is copied to the GPU again at most this often
+SAVE_MIN_FREE = 64 << 20  # bytes a disk must keep free beyond the index's own size for the index cache to be saved
 KMEANS_ITERATIONS = 10  # faiss's default is 25; 10 loses no measurable recall here and trains 2.5x faster
 
 
@@ -572,6 +574,15 @@ class IndexSet:
             return
         with self.lock:
             for index in self.indexes.values():
+                # A cache never takes the last of the disk from the footage: skip it when space is short.
+                need = SAVE_MIN_FREE + 2 * index.span * (index.dim * 5 + 48)  # fp32 codes, int8 copy, metadata
+                try:
+                    free = shutil.disk_usage(self.folder.parent).free
+                except OSError:
+                    free = 0
+                if free < need:
+                    log.info("not saving the %s index: %d bytes free on disk, %d wanted", index.kind, free, need)
+                    continue
                 # Saving costs about as much as replaying a few percent of the index: skip small deltas.
                 if index.unsaved and (index.unsaved * 20 >= index.count or index.unsaved >= 10_000):
                     try:

@@ -104,11 +104,12 @@ def connect(db: Path, *, readonly: bool) -> sqlite3.Connection:
             conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False,
                                    timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         else:
+            new = not db.exists() or db.stat().st_size == 0
             conn = sqlite3.connect(db, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None)
-            # A new database returns the pages retention frees to the file system (`PRAGMA incremental_vacuum`);
-            # this only takes effect before the first table exists.
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            if new:  # returns the pages retention frees to the file system (`PRAGMA incremental_vacuum`); it only
+                # takes effect before the first table exists, and set on an old database it would write to it
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed segment survives power loss too, not only a killed process.
             conn.execute("PRAGMA synchronous=FULL")

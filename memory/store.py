@@ -828,6 +828,8 @@ class Memory:
             # Footage makes room down to a little under the budget: the database's log and the index cache
             # grow a little between two writes, and the budget holds for them too.
             target = int(budget * (1.0 - BUDGET_HEADROOM))
+            if self.disk_usage() + incoming > target:
+                self._compact()  # fold the database's log back first: footage goes only for what is left
             while self.disk_usage() + incoming > target:
                 oldest: tuple[float, str, int] | None = None
                 for info in self.streams():
