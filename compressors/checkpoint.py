@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 
 from vidmem.compressors import Compressor, build_compressor
 from vidmem.errors import ConfigError, EncoderMismatchError, ModelNotFoundError
+from vidmem.memory.atomic import atomic_write
 
 CHECKPOINT_FORMAT = "vidmem-compressor"  # metadata "format" of a vidmem compressor checkpoint
 CHECKPOINT_VERSION = 1
@@ -37,16 +37,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from vidmem.errors import ConfigError, MemoryStoreError
+from vidmem.memory.atomic import atomic_write as _atomic
 
 try:
     import faiss
@@ -381,25 +381,6 @@ def _trim_heap() -> None:
 def _savez(path: Path, **arrays: np.ndarray) -> None:
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync it, rename over `path`, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 class IndexSet:
