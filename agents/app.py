@@ -324,7 +324,9 @@ class Vidmem:
             try:
                 self.memory.record_source(stream, status.to_json(), status.new_gap)
             except VidmemError as exc:
-                log.warning("could not record the state of stream %s: %s", stream, exc)
+                # a memory that cannot be written (a full disk) fails the segment writes too, which report it to
+                # the user once; the state is bookkeeping, so its own failure stays out of the way
+                log.info("could not record the state of stream %s: %s", stream, exc)
 
         try:
             writer.submit(write)
