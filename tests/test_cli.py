@@ -58,12 +58,9 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def ingested(tmp_path_factory, tiny_models, videos):
-    """testvideo.mp4 ingested once through the CLI into a fresh memory."""
-    memory = tmp_path_factory.mktemp("cli") / "memory"
-    result = vidmem("ingest", str(videos["testvideo.mp4"]["file"]), "--json", memory=memory, models=tiny_models)
-    assert result.returncode == 0, result.stderr
-    return memory, json.loads(result.stdout)
+def ingested(testvideo_ingested):
+    """testvideo.mp4 ingested once through the CLI into a fresh memory (once per session: conftest.py)."""
+    return testvideo_ingested
 
 
 def test_ingest_reports_the_contract_json(ingested, videos):
