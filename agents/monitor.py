@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import functools
 import hashlib
 import json
@@ -144,6 +145,37 @@ def parse_source_args(items: list[str]) -> dict[str, str]:
 
 
 # ---- the monitor ----------------------------------------------------------------------------------------------
+KNOWN_STREAMS = 4096  # stream names the monitor remembers beside the memory's
+
+
+class RecentNames:
+    """A set of at most `limit` names; adding one past the limit forgets the least recently added or seen."""
+
+    def __init__(self, limit: int, names=()) -> None:
+        self.limit = limit
+        self._names: collections.OrderedDict[str, None] = collections.OrderedDict()
+        for name in names:
+            self.add(name)
+
+    def add(self, name: str) -> None:
+        self._names[name] = None
+        self._names.move_to_end(name)
+        while len(self._names) > self.limit:
+            self._names.popitem(last=False)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __or__(self, other: set[str]) -> set[str]:
+        return set(self._names) | set(other)
+
+
 class Monitor:
     """Watch rules, questions and triggers over MQTT for one vidmem deployment.
 
@@ -177,7 +209,9 @@ class Monitor:
         self.sources = dict(sources or {})
         self.on_event = on_event
         self.trackers: dict[str, dict[str, RuleTracker]] = {}  # stream -> rule id -> tracker
-        self.streams: set[str] = set(self.sources)  # streams known besides the memory's
+        # streams known besides the memory's (sources, cameras connected but not yet committed): the most recent
+        # KNOWN_STREAMS names, so clients inventing names cannot grow it; the memory answers for the rest
+        self.streams = RecentNames(KNOWN_STREAMS, self.sources)
         self.outbox = Outbox(max_messages=self.options.outbox_messages, max_bytes=self.options.outbox_bytes)
         self.stats = {"connects": 0, "events": 0, "answers": 0, "errors": 0, "segments_scored": 0,
                       "segments_dropped": 0, "busy": 0}
@@ -224,7 +258,6 @@ class Monitor:
         loop = self._loop
         if loop is None or self._segments is None or loop.is_closed():
             return
-        self.streams.add(row.stream)
         item = (row, [frame.image for frame in segment.frames])  # every frame: a rule scores the whole segment
         if _on_loop_thread(loop):
             self._put_segment_nowait(item)

@@ -9,12 +9,18 @@ DIR/eval/questions.json, a list of {"video", "question", "answer", "kind"}, inge
 vidmem itself (the same code as `vidmem ingest`) and asks every question (the same code as `vidmem ask`). Prints one
 JSON line:
 - `accuracy`: per question kind, the share of answers `world.grade` accepts, over the held-out clips at budget 6000;
+- `describe`: per attribute (colour, shape, size, background), the share of held-out shots whose description
+  ("Describe the video." over that shot alone) names it right, beside a uniform guess;
+- `prior`: per kind, the accuracy of the best constant answer (learnt from the training questions): what a model
+  that ignores the video scores, the line `accuracy` must clear;
 - `needle`: over an hour of footage, per budget from 500 to 6,000 visual tokens, the share of questions whose
   needle segment is in the selected evidence (`recall`) and whose answer is right (`accuracy`);
 - `compressors`: every registered compressor under the same token bound, untrained and trained (the same number of
   further steps for both; "trained" also trains the compressor), accuracy per kind on held-out clips;
 - `rules`: a watch rule ("a red circle", say) on minute-long streams with and without that object: precision, recall,
   latency (seconds from the object's appearance to the event's start) at a threshold calibrated on training streams;
+- `storage`: int8 tokens, STC's cacher and STC's pruner beside the default, on a few held-out clips: accuracy per
+  kind, described attributes and the bytes of tokens stored;
 - `vision`: linear-probe accuracy of the vision tower's patch features, random and trained.
 These are tiny models on a synthetic world: the figures measure vidmem's pipeline, not the public checkpoints.
 """
@@ -25,6 +31,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import shutil
 import sys
 import time
@@ -71,13 +78,47 @@ def write_eval_set(folder: Path, seed: int, scale: Scale) -> world.WorldSet:
     return made
 
 
-def open_app(out: Path, memory: Path, compressor: str = "timeperceiver", weights: Path | None = None):
-    """vidmem as the CLI runs it (`--model OUT/vlm --embedder OUT/clip`), in this process."""
+def open_app(out: Path, memory: Path, compressor: str = "timeperceiver", weights: Path | None = None, **settings):
+    """vidmem as the CLI runs it (`--model OUT/vlm --embedder OUT/clip`, any other setting as given), in this
+    process."""
     from vidmem.agents.app import Settings, Vidmem
 
-    settings = Settings(memory=memory, model=str(out / "vlm"), embedder=str(out / "clip"), device="cpu",
-                        compressor=compressor, compressor_weights=weights, max_new_tokens=16)
-    return Vidmem(settings)
+    return Vidmem(Settings(memory=memory, model=str(out / "vlm"), embedder=str(out / "clip"), device="cpu",
+                           compressor=compressor, compressor_weights=weights, max_new_tokens=16, **settings))
+
+
+STORAGE_VARIANTS = {  # what each storage or speed option costs in answers, beside the default
+    "float16 (default)": {},
+    "int8 tokens (--token-dtype int8)": {"token_dtype": "int8"},
+    "STC cacher (--feature-cache)": {"feature_cache": True},
+    "STC pruner 0.5 (--prune 0.5)": {"prune": 0.5},
+}
+
+
+def storage_variants(out: Path, made: world.WorldSet, *, clips: int) -> dict:
+    """Accuracy per kind and per described attribute on the first `clips` held-out clips, ingested and asked once
+    per option in STORAGE_VARIANTS (a fresh memory each), with the bytes of tokens each memory stores."""
+    footage = [f for f in made.footage if f.kind == "clip"][:clips]
+    subset = world.WorldSet(made.folder, footage=footage)
+    videos = {f"{f.name}.mp4" for f in footage}
+    questions = [q for q in made.questions if q.video in videos]
+    results = {}
+    for name, settings in STORAGE_VARIANTS.items():
+        mark = time.perf_counter()
+        memory = out / "storage" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        shutil.rmtree(memory, ignore_errors=True)
+        app = open_app(out, memory, **settings)
+        try:
+            ingest_all(app, {f.name: made.path(f) for f in footage})
+            summary, _ = accuracy_per_kind(app, questions)
+            summary["describe"] = {a: v["accuracy"] for a, v in describe_accuracy(app, subset).items()}
+        finally:
+            app.close()
+        summary["token_bytes"] = sum(f.stat().st_size for f in (memory / "tokens").rglob("*") if f.is_file())
+        summary["seconds"] = _since(mark)
+        results[name] = summary
+        log.info("%s: %s", name, summary["all"])
+    return results
 
 
 def ingest_all(app, paths: dict[str, Path], *, on_segment=None) -> None:
@@ -112,6 +153,71 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+ATTRIBUTES = {  # what a shot's description must name, and the share a guess gets right
+    "colour": 1 / len(world.COLOURS), "shape": 1 / len(world.SHAPES), "size": 1 / len(world.SIZES),
+    "background": 1 / len(world.BACKGROUNDS),
+}
+
+
+def shot_attributes(shot: world.Shot) -> dict[str, str]:
+    values = {"background": shot.background}
+    if shot.thing is not None:
+        values |= {"colour": shot.thing.colour, "shape": shot.thing.shape, "size": shot.thing.size}
+    return values
+
+
+def described(text: str, attribute: str, truth: str) -> bool:
+    """Whether a description names `truth` for `attribute` and no other value of it (plurals count as the shape)."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    words |= {shape for shape, plural in world.PLURAL.items() if plural in words}
+    values = {"colour": world.COLOURS, "shape": world.SHAPES, "size": world.SIZES, "background": world.BACKGROUNDS}
+    named = {v for v in values[attribute] if v in words}
+    if attribute == "background":  # the background is named last, after "on a"; an object may share a colour name
+        match = re.search(r"(\w+) background", text.lower())
+        named = {match.group(1)} if match else set()
+    return named == {truth}
+
+
+def describe_accuracy(app, made: world.WorldSet) -> dict:
+    """Per attribute, the share of held-out shots whose description (`ask "Describe the video."` over that shot
+    alone, as `vidmem ask --since --until` does) names it right; `chance` is a uniform guess."""
+    hits: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
+    for footage in (f for f in made.footage if f.kind == "clip"):
+        for shot in footage.shots:
+            answer = app.ask(wm.CAPTION_PROMPT, streams=[footage.name], since=shot.start + 0.5, until=shot.end - 0.5)
+            for attribute, truth in shot_attributes(shot).items():
+                hits[attribute].append(described(answer.text, attribute, truth))
+    return {a: {"accuracy": _mean(v), "chance": round(ATTRIBUTES[a], 3), "n": len(v)} for a, v in hits.items()}
+
+
+def question_form(question: str) -> str:
+    """The question with the world's words (colours, shapes) blanked: "What shape is the _ object?"."""
+    words = set(world.COLOURS) | set(world.SHAPES) | set(world.PLURAL.values())
+    return " ".join("_" if w.strip("?,.").lower() in words else w for w in question.split())
+
+
+def prior_baseline(train: Sequence[dict], questions: Sequence[world.Question]) -> dict:
+    """Per kind, the accuracy of a model that reads the question but never the video: for every question form
+    ("What shape is the _ object?"), the one answer the training questions of that form most often accept (for
+    `when`, the time within one segment of the most of them). The accuracy above it is what reading the video adds."""
+    def truth(row: dict) -> str:  # `when` answers are taught as HH:MM:SS and graded against seconds
+        return str(int(world.cited_times(row["answer"])[0])) if row["kind"] == "when" else row["answer"]
+
+    forms: dict[tuple[str, str], list[dict]] = {}
+    for row in train:
+        if row.get("kind") in world.KINDS:
+            forms.setdefault((row["kind"], question_form(row["question"])), []).append(row)
+    best = {key: max(sorted({r["answer"] for r in rows}),
+                     key=lambda c: sum(world.grade(key[0], c, truth(r)) for r in rows))
+            for key, rows in forms.items()}
+    out = {}
+    for kind in sorted({q.kind for q in questions}):
+        held = [q for q in questions if q.kind == kind]
+        right = [world.grade(kind, best.get((kind, question_form(q.question)), ""), q.answer) for q in held]
+        out[kind] = {"accuracy": round(sum(right) / len(right), 3), "n": len(right)}
+    return out
+
+
 def needle(app, made: world.WorldSet) -> dict:
     """Recall of the needle segment in the selected evidence, and answer accuracy, per budget."""
     hours = [f for f in made.footage if f.kind == "hour"]
@@ -128,6 +234,10 @@ def needle(app, made: world.WorldSet) -> dict:
     return {str(b): {"recall": _mean(r["recall"]), "accuracy": _mean(r["accuracy"]),
                      "visual_tokens": int(max(r["visual_tokens"] or [0]))} for b, r in rows.items()} | {
         "hours": len(hours)}
+
+
+def _since(mark: float) -> float:
+    return round(time.perf_counter() - mark, 1)
 
 
 def _mean(values: list) -> float:
@@ -293,10 +403,16 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     acc = result["accuracy"]
     kinds = [k for k in EVAL_KINDS if k in acc]
-    axes[0].bar(kinds, [acc[k]["accuracy"] for k in kinds], color="#4c72b0")
+    x = np.arange(len(kinds))
+    prior = result.get("prior", {})
+    axes[0].bar(x - 0.2, [acc[k]["accuracy"] for k in kinds], 0.4, color="#4c72b0", label="vidmem")
+    axes[0].bar(x + 0.2, [prior.get(k, {}).get("accuracy", 0) for k in kinds], 0.4, color="#bbbbbb",
+                label="question only (best constant)")
+    axes[0].set_xticks(x, kinds)
+    axes[0].legend(fontsize=8)
     axes[0].set_ylim(0, 1)
     axes[0].set_title("accuracy per question kind (held-out clips)")
     axes[0].tick_params(axis="x", rotation=30)
@@ -318,6 +434,15 @@ def plot(result: dict, path: Path) -> None:
     axes[2].axhline(0.5, color="k", lw=0.5, ls="--")
     axes[2].set_title("temporal kind per compressor, same bound")
     axes[2].legend()
+    described = result.get("describe", {})
+    names = list(described)
+    x = np.arange(len(names))
+    axes[3].bar(x - 0.2, [described[n]["accuracy"] for n in names], 0.4, color="#55a868", label="vidmem")
+    axes[3].bar(x + 0.2, [described[n]["chance"] for n in names], 0.4, color="#bbbbbb", label="a guess")
+    axes[3].set_xticks(x, names)
+    axes[3].set_ylim(0, 1)
+    axes[3].set_title("held-out shots described: attribute named right")
+    axes[3].legend(fontsize=8)
     fig.suptitle(f"vidmem on the synthetic world, tiny models trained on CPU ({result['recipe']} recipe)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +459,8 @@ def run(out: Path, *, quick: bool, seed: int, reuse: bool, plot_path: Path | Non
     result: dict = {"bench": "quality", "recipe": name, "seed": seed,
                     "models": "tiny LLaVA-OneVision (1-layer SigLIP, 2-layer Qwen2) and CLIP trained on the synthetic world",
                     "runtime": f"torch {torch.__version__} CPU, {torch.get_num_threads()} threads"}
-    if not (reuse and (out / "vlm" / "config.json").is_file() and (out / "clip" / "modules.json").is_file()):
+    reused = reuse and (out / "vlm" / "config.json").is_file() and (out / "clip" / "modules.json").is_file()
+    if not reused:
         report = wm.train_all(out, recipe)
     else:
         report = json.loads((out / "train_report.json").read_text())
@@ -354,15 +480,24 @@ def run(out: Path, *, quick: bool, seed: int, reuse: bool, plot_path: Path | Non
         result["ingest_seconds"] = round(time.perf_counter() - mark, 1)
         clip_questions = [q for q in made.questions if q.kind != "needle"]
         result["accuracy"], answers = accuracy_per_kind(app, clip_questions)
+        train_rows = [json.loads(line) for line in (out / "train" / "qa.jsonl").read_text().splitlines()]
+        result["prior"] = prior_baseline(train_rows, clip_questions)
+        result["describe"] = describe_accuracy(app, made)
         (out / "eval" / "answers.json").write_text(json.dumps(answers, indent=1))
         result["needle"] = needle(app, made)
     finally:
         app.close()
 
+    result["storage"] = storage_variants(out, made, clips=scale.compare_clips)
+    result["answer_seconds"] = _since(started) - result["training"].get("seconds", 0) if not reused else None
+    mark = time.perf_counter()
     result["compressors"] = compare_compressors(out, made, clips=scale.compare_clips, steps=scale.compare_steps,
                                                 bound=COMPARE_BOUND, seed=seed)
     result["compressor_bound"] = COMPARE_BOUND
+    result["compare_seconds"] = _since(mark)
+    mark = time.perf_counter()
     result["rules"] = watch_rules(out, seed, scale)
+    result["rules_seconds"] = _since(mark)
     tp = result["compressors"].get("timeperceiver", {})
     gain = (tp.get("trained", {}).get("temporal", {}).get("accuracy", 0.0)
             - tp.get("untrained", {}).get("temporal", {}).get("accuracy", 0.0))

@@ -15,17 +15,23 @@ The models are built for this world, not for real video:
 
 Steps (`train_all`):
 1. footage: training clips (seeds far from the evaluation seeds) written as H.264 with `stream.world`;
-2. the vision tower: trained alone (stage 0, `pretrain_vision`) to tell, for each of its 27x27 patches, the colour
-   and shape of the object covering it and the background, from decoded frames; a random one-layer tower carries
-   too little of that (the bench prints the probe accuracies before and after);
+2. the vision tower: trained alone (stage 0, `pretrain_vision`) on a frame every `vision_stride` seconds, to tell
+   the colour of each of its 27x27 patches, the background, and the object's shape from the mean of the object's
+   patches (how attention reads it); the bench prints fresh linear probes' accuracies before and after;
 3. the CLIP: trained contrastively (InfoNCE) on keyframes and their captions and questions (`train_clip`), so a
    question's text retrieves its segment;
-4. the VLM: Clapper's stage 1 (the "caption" objective: the whole clip described shot by shot) and then question
-   answering (the "qa" objective), projector and language model trained, the vision tower frozen, the default
-   compressor (TimePerceiver) left untrained so that `vidmem ingest` without --compressor-weights stores exactly
-   the tokens the model learnt from. Both objectives read JSONL in `vidmem train`'s format:
-   {"video", "caption"} and {"video", "question", "answer"}. Prompts are built by the VLM adapter exactly as
-   answering builds them (system prompt, timestamped segments, image_newline, the checkpoint's chat template).
+4. the VLM, through `vidmem train` (the projector and the language model; the vision tower frozen; the default
+   compressor, TimePerceiver, left untrained so that `vidmem ingest` without --compressor-weights stores exactly
+   the tokens the model learnt from):
+   - stage 1, the "caption" objective: every shot's description over that shot's segment alone. This dense signal
+     is what teaches a language model trained from scratch to read the evidence; whole-clip captions and questions
+     alone taught it the answers' priors instead (one description for every shot);
+   - question answering, the "qa" objective, with stage 1's descriptions mixed in as questions so that learning
+     the priors of one-word answers does not unlearn reading.
+   The projector's output layer starts `projector_scale` smaller, so visual tokens start at the text embeddings'
+   scale (`build_vlm_skeleton`). Both objectives read JSONL in `vidmem train`'s format ({"video", "caption",
+   "since", "until"} and {"video", "question", "answer", "since", "until"}); prompts are built by the VLM adapter
+   exactly as answering builds them (system prompt, timestamped segments, image_newline, the chat template).
 """
 from __future__ import annotations
 
@@ -80,24 +86,29 @@ class Recipe:
     name: str
     clips: int  # training clips (16 s each)
     vision_steps: int  # stage 0: vision tower steps (batches of 16 frames)
-    vision_clips: int  # stage 0: clips whose shots give one frame each
+    vision_clips: int  # stage 0: clips whose frames the tower learns from
     clip_steps: int  # CLIP contrastive steps
-    caption_steps: int  # VLM stage 1 steps (one clip each)
-    qa_steps: int  # VLM question-answering steps
-    lr: float = 2e-3  # VLM peak learning rate (AdamW, warm-up then cosine)
+    caption_steps: int  # VLM stage 1 steps: one shot's segment and its description per example
+    qa_steps: int  # VLM question-answering steps (questions mixed with stage 1's descriptions)
+    lr: float = 2e-3  # VLM stage 1 peak learning rate (AdamW, warm-up then cosine)
+    qa_lr: float = 1e-3  # question answering's peak learning rate (higher drifts back to the answers' priors)
     clip_lr: float = 2e-3  # CLIP peak learning rate
     vision_hidden: int = 32  # SigLIP width D
     text_hidden: int = 128  # Qwen2 width H
     text_layers: int = 2
+    vision_stride: int = 2  # stage 0: one frame every this many seconds of every shot
+    projector_scale: float = 0.05  # the projector's output layer starts this much smaller (see build_vlm_skeleton)
     seed: int = 0
 
 
 RECIPES = {
-    # the suite's: retrieval and rules need the trained vision tower and CLIP; the VLM only has to load and answer
-    "tests": Recipe("tests", clips=32, vision_steps=60, vision_clips=32, clip_steps=300, caption_steps=10, qa_steps=40),
-    "quick": Recipe("quick", clips=64, vision_steps=60, vision_clips=32, clip_steps=300, caption_steps=60, qa_steps=500),
-    "full": Recipe("full", clips=240, vision_steps=200, vision_clips=80, clip_steps=1200, caption_steps=200,
-                   qa_steps=3000),
+    # the suite's: retrieval and rules need the trained vision tower and CLIP; the VLM is trained for a short while
+    "tests": Recipe("tests", clips=32, vision_steps=100, vision_clips=32, clip_steps=300, caption_steps=300,
+                    qa_steps=40),
+    "quick": Recipe("quick", clips=96, vision_steps=400, vision_clips=48, clip_steps=300, caption_steps=600,
+                    qa_steps=600),
+    "full": Recipe("full", clips=320, vision_steps=1200, vision_clips=160, clip_steps=1200, caption_steps=3000,
+                   qa_steps=4000, vision_stride=1),
 }
 
 
@@ -162,6 +173,14 @@ def build_vlm_skeleton(directory: Path, tokenizer, recipe: Recipe) -> Path:
                                   vision_feature_select_strategy="full")
     torch.manual_seed(recipe.seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # The language model starts from scratch: its text embeddings have norms near 0.2, while a random projector's
+    # visual tokens come out near 20. Started that far apart, the model learns the answers' priors from the text
+    # and never reads the evidence (measured: one description for every shot). Visual tokens that start at the
+    # text's scale are read within a few hundred steps.
+    projector = model.model.multi_modal_projector.linear_2
+    with torch.no_grad():
+        projector.weight.mul_(recipe.projector_scale)
+        projector.bias.mul_(recipe.projector_scale)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(directory)
@@ -257,22 +276,36 @@ def segment_video(path: Path) -> ClipSegments:
 
 
 def write_training_set(folder: Path, recipe: Recipe) -> tuple[list[world.Footage], Path, Path]:
-    """Training clips under `folder`, with `captions.jsonl` ({"video", "caption"}) and `qa.jsonl`
-    ({"video", "question", "answer", "kind"}); returns (footage, captions file, qa file)."""
+    """Training clips under `folder`, with `captions.jsonl` and `qa.jsonl` in `vidmem train`'s format; returns
+    (footage, captions file, qa file).
+
+    - captions: one row per shot, {"video", "caption", "since", "until"}: the shot's description over its own
+      segment (stage 1, the dense signal that teaches the language model to read the evidence);
+    - qa: {"video", "question", "answer", "kind"} for every question, a share of the one-shot ones over that shot's
+      segment alone, plus every shot's description again as a question ("describe"), so that learning the answers'
+      priors does not unlearn reading the evidence.
+    """
     folder = Path(folder)
     seeds = [TRAIN_SEED_BASE + recipe.seed * 10_000 + i for i in range(recipe.clips)]
     made = world.build_set(folder, seeds)
     captions, qa = folder / "captions.jsonl", folder / "qa.jsonl"
-    with captions.open("w") as cap, qa.open("w") as out:
+    rng = random.Random(recipe.seed)
+    rows = []
+    with captions.open("w") as cap:
         for footage in made.footage:
             video = made.path(footage).name
-            cap.write(json.dumps({"video": video, "caption": world.caption(footage)}) + "\n")
-        rng = random.Random(recipe.seed)
-        for q in made.questions:
-            row = {"video": q.video, "question": q.question, "answer": answer_text(q), "kind": q.kind}
-            if q.end - q.start < world.SEGMENT_SECONDS * 4 and rng.random() < QA_FOCUS:
-                row.update(since=q.start + 0.5, until=q.end - 0.5)  # only that shot's segment as evidence
-            out.write(json.dumps(row) + "\n")
+            for shot in footage.shots:
+                span = {"since": shot.start + 0.5, "until": shot.end - 0.5}  # that shot's segment only
+                cap.write(json.dumps({"video": video, "caption": shot.describe(), **span}) + "\n")
+                rows.append({"video": video, "question": CAPTION_PROMPT, "answer": shot.describe(), "kind": "describe",
+                             **span})
+    for q in made.questions:
+        row = {"video": q.video, "question": q.question, "answer": answer_text(q), "kind": q.kind}
+        if q.end - q.start < world.SEGMENT_SECONDS * 4 and rng.random() < QA_FOCUS:
+            row.update(since=q.start + 0.5, until=q.end - 0.5)  # only that shot's segment as evidence
+        rows.append(row)
+    rng.shuffle(rows)
+    qa.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return made.footage, captions, qa
 
 
@@ -300,15 +333,17 @@ def patch_labels(footage: world.Footage, second: int, side: int = 27) -> tuple[n
     return colour.reshape(-1), shape.reshape(-1), list(world.BACKGROUNDS).index(shot.background)
 
 
-def vision_batches(footage: list[world.Footage], paths: list[Path], rng: random.Random) -> list:
-    """(decoded frame, colour labels, shape labels, background) for one random second of every shot."""
+def vision_batches(footage: list[world.Footage], paths: list[Path], rng: random.Random, *, stride: int = 2) -> list:
+    """(decoded frame, colour labels, shape labels, background) for a frame every `stride` seconds of every shot,
+    starting at a random second, shuffled."""
     items = []
     for clip, path in zip(footage, paths):
         decoded = decode_all(path)
         for shot in clip.shots:
-            second = rng.randrange(shot.start, min(shot.end, len(decoded)))
-            colour, shape, background = patch_labels(clip, second)
-            items.append((decoded[second], colour, shape, background))
+            end = min(shot.end, len(decoded))
+            for second in range(shot.start + rng.randrange(stride), end, stride):
+                colour, shape, background = patch_labels(clip, second)
+                items.append((decoded[second], colour, shape, background))
     rng.shuffle(items)
     return items
 
@@ -322,32 +357,37 @@ def decode_all(path: Path) -> list[np.ndarray]:
 
 
 class Probe(torch.nn.Module):
-    """Linear read-outs of patch features: colour and shape per patch, background per frame."""
+    """Linear read-outs of patch features: colour per patch, the object's shape from the mean of its patches, the
+    background from the mean of all patches.
+
+    Shape is read from the object's patches together because that is how the language model reads it (attention
+    averages the tokens of what the question names); a patch inside a large square looks like one inside a large
+    circle, so per-patch shape labels ask the one-layer tower for what it cannot see."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.colour = torch.nn.Linear(dim, 1 + len(world.COLOURS))
-        self.shape = torch.nn.Linear(dim, 1 + len(world.SHAPES))
+        self.shape = torch.nn.Linear(dim, len(world.SHAPES))
         self.background = torch.nn.Linear(dim, len(world.BACKGROUNDS))
 
     def losses(self, features: torch.Tensor, colour, shape, background) -> tuple[torch.Tensor, dict]:
-        # features: (B, L, D); colour, shape: (B, L); background: (B,)
-        c, s = self.colour(features), self.shape(features)
-        b = self.background(features.mean(dim=1))
-        object_patches = colour > 0
-        # object patches are few: their colour and shape losses are averaged apart from the background patches'
-        loss = F.cross_entropy(c[~object_patches], colour[~object_patches]) + F.cross_entropy(b, background)
-        if object_patches.any():
-            loss = loss + F.cross_entropy(c[object_patches], colour[object_patches])
-            loss = loss + F.cross_entropy(s[object_patches], shape[object_patches])
-        with torch.no_grad():
-            acc = {
-                "colour": float((c.argmax(-1)[object_patches] == colour[object_patches]).float().mean())
-                if object_patches.any() else float("nan"),
-                "shape": float((s.argmax(-1)[object_patches] == shape[object_patches]).float().mean())
-                if object_patches.any() else float("nan"),
-                "background": float((b.argmax(-1) == background).float().mean()),
-            }
+        # features: (B, L, D); colour, shape: (B, L) classes per patch (0: no object); background: (B,)
+        c = self.colour(features)  # (B, L, 1 + colours)
+        b = self.background(features.mean(dim=1))  # (B, backgrounds)
+        on = colour > 0  # (B, L) object patches
+        # object patches are few: their colour loss is averaged apart from the background patches'
+        loss = F.cross_entropy(c[~on], colour[~on]) + F.cross_entropy(b, background)
+        acc = {"background": float((b.argmax(-1) == background).float().mean())}
+        seen = on.any(dim=1)  # (B,) frames with an object
+        if seen.any():
+            weights = on.float() / on.float().sum(dim=1, keepdim=True).clamp(min=1)  # (B, L) mean over the object
+            pooled = torch.einsum("bl,bld->bd", weights, features)[seen]  # (B', D)
+            target = shape.max(dim=1).values[seen] - 1  # (B',) the frame's object shape
+            s = self.shape(pooled)
+            loss = loss + F.cross_entropy(c[on], colour[on]) + F.cross_entropy(s, target)
+            with torch.no_grad():
+                acc["colour"] = float((c.argmax(-1)[on] == colour[on]).float().mean())
+                acc["shape"] = float((s.argmax(-1) == target).float().mean())
         return loss, acc
 
 
@@ -533,7 +573,8 @@ def train_all(out: Path, recipe: Recipe) -> dict:
     skeleton = out / "train" / "vlm-stage0"
     build_vlm_skeleton(skeleton, build_tokenizer(texts), recipe)
     vlm = load_vlm(str(skeleton), device="cpu")
-    items = vision_batches(footage[: recipe.vision_clips], paths[: recipe.vision_clips], random.Random(recipe.seed))
+    items = vision_batches(footage[: recipe.vision_clips], paths[: recipe.vision_clips], random.Random(recipe.seed),
+                           stride=recipe.vision_stride)
     report["vision"] = pretrain_vision(vlm.encoder, items, steps=recipe.vision_steps, seed=recipe.seed)
     report["vision"]["seconds"] = _since(mark)
     vlm.save_pretrained(skeleton)
@@ -550,7 +591,7 @@ def train_all(out: Path, recipe: Recipe) -> dict:
         options=untrained, cache_dir=cache)
     report["qa"] = vidmem_train(
         load_vlm(str(stage1), device="cpu"), data=qa_file, output=out / "train" / "qa.safetensors", objective="qa",
-        steps=recipe.qa_steps, lr=recipe.lr, seed=recipe.seed + 1, model_dir=out / "vlm", options=untrained,
+        steps=recipe.qa_steps, lr=recipe.qa_lr, seed=recipe.seed + 1, model_dir=out / "vlm", options=untrained,
         cache_dir=cache)
     report["seconds"] = _since(started)
     (out / "train_report.json").write_text(json.dumps(report, indent=1))

@@ -50,8 +50,8 @@ class Example:
     caption: str | None = None  # caption objective: the target
     question: str | None = None  # qa objective: the question asked over the video
     answer: str | None = None  # qa objective: the target
-    since: float | None = None  # qa objective: evidence from this second on
-    until: float | None = None  # qa objective: evidence up to this second
+    since: float | None = None  # caption and qa objectives: evidence from this second on
+    until: float | None = None  # caption and qa objectives: evidence up to this second
 
 
 def _text(row: dict, key: str, where: str, objective: str) -> str:
@@ -96,6 +96,7 @@ def read_examples(path: Path, objective: str) -> list[Example]:
         elif objective == "qa":
             fields["question"] = _text(row, "question", where, objective)
             fields["answer"] = _text(row, "answer", where, objective)
+        if objective in ("caption", "qa"):  # the evidence: the whole video, or the segments within since..until
             fields["since"], fields["until"] = _seconds(row, "since", where), _seconds(row, "until", where)
             if fields["since"] is not None and fields["until"] is not None and fields["until"] <= fields["since"]:
                 raise ConfigError(f"{where}: \"until\" ({fields['until']:g}) must come after \"since\" ({fields['since']:g})")

@@ -89,3 +89,16 @@ def test_the_message_being_published_stays_until_acknowledged():
         assert (await waiter).payload == b"e2"
 
     asyncio.run(scenario())
+
+
+def test_the_monitor_remembers_a_bounded_number_of_stream_names():
+    """Clients inventing a new stream name with every request cannot grow the monitor's memory: it keeps the most
+    recent names (the memory itself answers for every stream that committed a segment)."""
+    from vidmem.agents.monitor import RecentNames
+
+    names = RecentNames(3, ["door"])
+    for name in ("yard", "a", "b", "yard", "c"):
+        names.add(name)
+    assert len(names) == 3 and list(names) == ["b", "yard", "c"]
+    assert "door" not in names and "yard" in names
+    assert names | {"door"} == {"b", "yard", "c", "door"}

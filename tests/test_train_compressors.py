@@ -272,11 +272,15 @@ def test_bad_training_data_is_a_clear_error(tmp_path, videos):
         ({"video": demo, "question": "What?", "answer": "x", "since": "soon"}, "qa", r"\"since\" must be seconds"),
         ({"video": demo, "question": "What?", "answer": "x", "since": 5, "until": 2}, "qa", r"must come after"),
         ({"video": "nowhere.mp4", "caption": "x"}, "caption", "video not found"),
+        ({"video": demo, "caption": "x", "since": 3, "until": 1}, "caption", r"must come after"),
     ]
     for row, objective, message in cases:
         write_jsonl(data, [row])
         with pytest.raises(ConfigError, match=message):
             read_examples(data, objective)
+    # a caption may describe one stretch of its video
+    write_jsonl(data, [{"video": demo, "caption": "a stretch", "since": 1, "until": 3}])
+    assert [(e.caption, e.since, e.until) for e in read_examples(data, "caption")] == [("a stretch", 1.0, 3.0)]
     data.write_text("{oops\n")
     with pytest.raises(ConfigError, match="bad.jsonl:1 is not valid JSON"):
         read_examples(data, "reconstruction")
