@@ -19,8 +19,9 @@ JSON line:
   further steps for both; "trained" also trains the compressor), accuracy per kind on held-out clips;
 - `rules`: a watch rule ("a red circle", say) on minute-long streams with and without that object: precision, recall,
   latency (seconds from the object's appearance to the event's start) at a threshold calibrated on training streams;
-- `storage`: int8 tokens, STC's cacher and STC's pruner beside the default, on a few held-out clips: accuracy per
-  kind, described attributes and the bytes of tokens stored;
+- `storage`: int8 tokens, STC's cacher and STC's pruner beside the default, on held-out clips, asked of the stage-1
+  model (it reads the evidence): accuracy per kind, described attributes and the bytes of tokens stored;
+  `describe_stage1` repeats the default's described attributes;
 - `vision`: linear-probe accuracy of the vision tower's patch features, random and trained.
 These are tiny models on a synthetic world: the figures measure vidmem's pipeline, not the public checkpoints.
 """
@@ -61,10 +62,11 @@ class Scale:
     compare_steps: int  # further training steps per compressor and variant
     compare_clips: int  # held-out clips the compressors are compared on
     rule_streams: int  # held-out streams with the event, and as many without
+    storage_clips: int  # held-out clips the storage options are compared on
 
 
-SCALES = {"quick": Scale(eval_clips=10, hours=1, compare_steps=12, compare_clips=3, rule_streams=3),
-          "full": Scale(eval_clips=40, hours=3, compare_steps=200, compare_clips=16, rule_streams=10)}
+SCALES = {"quick": Scale(eval_clips=10, hours=1, compare_steps=12, compare_clips=3, rule_streams=3, storage_clips=10),
+          "full": Scale(eval_clips=40, hours=3, compare_steps=200, compare_clips=16, rule_streams=10, storage_clips=20)}
 
 
 def eval_seeds(seed: int, n: int) -> list[int]:
@@ -78,12 +80,13 @@ def write_eval_set(folder: Path, seed: int, scale: Scale) -> world.WorldSet:
     return made
 
 
-def open_app(out: Path, memory: Path, compressor: str = "timeperceiver", weights: Path | None = None, **settings):
+def open_app(out: Path, memory: Path, compressor: str = "timeperceiver", weights: Path | None = None, *,
+             model: Path | None = None, **settings):
     """vidmem as the CLI runs it (`--model OUT/vlm --embedder OUT/clip`, any other setting as given), in this
     process."""
     from vidmem.agents.app import Settings, Vidmem
 
-    return Vidmem(Settings(memory=memory, model=str(out / "vlm"), embedder=str(out / "clip"), device="cpu",
+    return Vidmem(Settings(memory=memory, model=str(model or out / "vlm"), embedder=str(out / "clip"), device="cpu",
                            compressor=compressor, compressor_weights=weights, max_new_tokens=16, **settings))
 
 
@@ -95,9 +98,17 @@ STORAGE_VARIANTS = {  # what each storage or speed option costs in answers, besi
 }
 
 
+def stage1_model(out: Path) -> Path:
+    """The VLM after stage 1 (one-shot descriptions), which reads the evidence; OUT/vlm when there is no such stage."""
+    stage1 = out / "train" / "vlm-stage1"
+    return stage1 if (stage1 / "config.json").is_file() else out / "vlm"
+
+
 def storage_variants(out: Path, made: world.WorldSet, *, clips: int) -> dict:
     """Accuracy per kind and per described attribute on the first `clips` held-out clips, ingested and asked once
-    per option in STORAGE_VARIANTS (a fresh memory each), with the bytes of tokens each memory stores."""
+    per option in STORAGE_VARIANTS (a fresh memory each), with the bytes of tokens each memory stores.
+
+    Asked of the stage-1 model: an option's cost shows only in a model that reads the evidence."""
     footage = [f for f in made.footage if f.kind == "clip"][:clips]
     subset = world.WorldSet(made.folder, footage=footage)
     videos = {f"{f.name}.mp4" for f in footage}
@@ -107,7 +118,7 @@ def storage_variants(out: Path, made: world.WorldSet, *, clips: int) -> dict:
         mark = time.perf_counter()
         memory = out / "storage" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         shutil.rmtree(memory, ignore_errors=True)
-        app = open_app(out, memory, **settings)
+        app = open_app(out, memory, model=stage1_model(out), **settings)
         try:
             ingest_all(app, {f.name: made.path(f) for f in footage})
             summary, _ = accuracy_per_kind(app, questions)
@@ -437,8 +448,10 @@ def plot(result: dict, path: Path) -> None:
     described = result.get("describe", {})
     names = list(described)
     x = np.arange(len(names))
-    axes[3].bar(x - 0.2, [described[n]["accuracy"] for n in names], 0.4, color="#55a868", label="vidmem")
-    axes[3].bar(x + 0.2, [described[n]["chance"] for n in names], 0.4, color="#bbbbbb", label="a guess")
+    stage1 = result.get("describe_stage1", {})
+    axes[3].bar(x - 0.27, [stage1.get(n, 0) for n in names], 0.27, color="#55a868", label="after stage 1")
+    axes[3].bar(x, [described[n]["accuracy"] for n in names], 0.27, color="#4c72b0", label="after QA")
+    axes[3].bar(x + 0.27, [described[n]["chance"] for n in names], 0.27, color="#bbbbbb", label="a guess")
     axes[3].set_xticks(x, names)
     axes[3].set_ylim(0, 1)
     axes[3].set_title("held-out shots described: attribute named right")
@@ -488,7 +501,8 @@ def run(out: Path, *, quick: bool, seed: int, reuse: bool, plot_path: Path | Non
     finally:
         app.close()
 
-    result["storage"] = storage_variants(out, made, clips=scale.compare_clips)
+    result["storage"] = storage_variants(out, made, clips=scale.storage_clips)
+    result["describe_stage1"] = result["storage"]["float16 (default)"]["describe"]
     result["answer_seconds"] = _since(started) - result["training"].get("seconds", 0) if not reused else None
     mark = time.perf_counter()
     result["compressors"] = compare_compressors(out, made, clips=scale.compare_clips, steps=scale.compare_steps,
