@@ -118,10 +118,14 @@ def test_streams_ingested_together_store_what_each_stores_alone(tmp_path, tiny_m
         apps[name] = Vidmem(Settings(memory=tmp_path / name, model=str(tiny_models.llava), embedder=str(tiny_models.clip),
                                      device="cpu", feature_cache=feature_cache, encode_batch_frames=batch))
     try:
+        before = apps["alone"].encoder.calls  # frames through the vision tower so far (loading may run it)
         _ingest(apps["alone"], files, together=False)
+        towered = apps["alone"].encoder.calls - before
         _ingest(apps["together"], files, together=True)
         assert apps["alone"].encoding is None
         stats = apps["together"].encoding.stats()
+        # each stream's STC cache answers the same frames either way: the tower sees the same number of frames
+        assert stats["frames"] == towered
         # one shared call carried frames of more than one stream, and fewer calls than requests were made
         assert stats["multi_stream_calls"] >= 1 and stats["streams_per_call"] > 1.0
         assert stats["calls"] < stats["requests"]
