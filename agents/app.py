@@ -45,7 +45,8 @@ class Settings:
     prune: float = 1.0  # STC pruner: share of each segment's tokens shown to the model; selection spends budget / prune
     token_dtype: str = "float16"  # how new segments store their tokens: float16, or int8 with one scale per token
     kv_cache_bytes: int = 2 << 30  # kept KV caches (live windows, conversations) held at most, least recent out first
-    encode_batch_frames: int = 32  # frames one vision-tower call may carry across streams (agents/encoding.py); 0: each stream alone
+    encode_batch_frames: int = 32  # frames a tower call may carry across streams (agents/encoding.py); 0: off
+    encode_gather_ms: float = 5.0  # how long the shared encoder waits for other open streams' frames before a call
     runtime: str | None = None  # eager | fast | fast-lm (agents/runtime.py); None: $VIDMEM_RUNTIME, else fast on a CPU
 
     def __post_init__(self) -> None:
@@ -54,8 +55,8 @@ class Settings:
         resolve(self.runtime)  # a bad name fails here, before anything loads
         if not 0.0 < self.prune <= 1.0:
             raise ConfigError(f"prune must be a share of tokens in (0, 1], not {self.prune}")
-        if self.encode_batch_frames < 0:
-            raise ConfigError(f"encode_batch_frames must be 0 (off) or more, not {self.encode_batch_frames}")
+        if self.encode_batch_frames < 0 or self.encode_gather_ms < 0:
+            raise ConfigError("encode_batch_frames (0: off) and encode_gather_ms must not be negative")
         if self.token_dtype not in ("float16", "int8"):
             raise ConfigError(f"token dtype must be float16 or int8, not {self.token_dtype!r}")
 
@@ -204,8 +205,10 @@ class Vidmem:
             return None
         from vidmem.agents.encoding import EncodeBatcher
 
+        settings = self.settings
         return self._once("_encoding", lambda: EncodeBatcher(self.encoder, self.embedder.embed_images,
-                                                             max_frames=self.settings.encode_batch_frames))
+                                                             max_frames=settings.encode_batch_frames,
+                                                             gather_seconds=settings.encode_gather_ms / 1000))
 
     def encoding_stats(self) -> dict | None:
         """The shared encoder's figures (calls, frames, streams per call), or None before any stream used it."""

@@ -102,7 +102,8 @@ class EncodeBatcher:
             self._cond.notify_all()
         return request.future
 
-    def encode(self, stream: Hashable, frames: list[np.ndarray], keyframes: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+    def encode(self, stream: Hashable, frames: list[np.ndarray],
+               keyframes: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
         """Submit and wait (from a stream's thread, never the batcher's own)."""
         if threading.current_thread() is self._thread:
             return self._run([_Request(stream, list(frames), list(keyframes))])[0]

@@ -11,13 +11,14 @@ the encoder's cost), so every question finds a full budget of evidence. Then thr
   footage, decoded with PyAV from a test video (each stream from its own offset), at `--fps` frames per second for
   `--seconds`, through the whole ingest path (sampling at 1 fps, segmenting, the vision tower, the compressor, the
   embedder, the memory), their live windows refreshed through the scheduler after each committed segment (as the
-  server does); a third of the way in, the same questions are asked at interactive priority. The vision tower and embedder
-  run batched across streams (`Settings.encode_batch_frames`, agents/encoding.py);
+  server does); a third of the way in, the same questions are asked at interactive priority. The vision tower and
+  embedder run batched across streams (`Settings.encode_batch_frames`, agents/encoding.py);
 - busy, unbatched: the same with `encode_batch_frames=0` (each stream encodes in its own thread, as before).
 Each question's time to first token is measured from its submission to the scheduler to its first streamed token
-(the queue wait, selection and prefill included). Busy phases also report segments ingested per second, frames the
-live sources dropped (a source's queue overflows when ingest falls behind), refreshes run, and the shared
-encoder's figures (calls, frames, streams per call). Prints one JSON line; progress goes to stderr.
+(the queue wait, selection and prefill included). Busy phases also report segments committed per second while
+footage was fed (`segments_per_s`; the questions may outlast the feeding), frames the live sources dropped (a
+source's queue overflows when ingest falls behind), refreshes run, and the shared encoder's figures (calls, frames,
+streams per call). Prints one JSON line; progress goes to stderr.
 
 Full mode builds LLaVA-OneVision 0.5B's architecture in memory with random weights (bench/common.py: Qwen2-0.5B,
 SigLIP-so400m at 384 px; timing does not depend on the weights), `--layers` / `--vision-layers` build fewer decoder /
@@ -40,7 +41,9 @@ import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TESTDATA, clip512_checkpoint, emit, full_size_vlm, logger, machine_info, tiny_checkpoints, unit_rows  # noqa: E402
+from common import (  # noqa: E402
+    TESTDATA, clip512_checkpoint, emit, full_size_vlm, logger, machine_info, tiny_checkpoints, unit_rows,
+)
 
 from vidmem.agents.app import Settings, Vidmem  # noqa: E402
 from vidmem.agents.runtime import apply_runtime, describe  # noqa: E402
@@ -141,12 +144,12 @@ async def busy(app: Vidmem, args: argparse.Namespace, frames: list[np.ndarray], 
     """Live streams ingesting for `args.seconds`, the questions asked after a third of it."""
     sources = [PushSource(name, max_pending=8) for name in names]
     stop = asyncio.Event()
-    committed = [0]
+    commits: list[float] = []  # perf_counter of each committed segment
     refreshes = {"run": 0, "failed": 0}
 
     def on_segment(stream: str):
         def committed_one(row, segment) -> None:  # ingest worker thread: refresh the window at refresh priority
-            committed[0] += 1
+            commits.append(time.perf_counter())
 
             def refresh() -> None:
                 try:
@@ -177,12 +180,15 @@ async def busy(app: Vidmem, args: argparse.Namespace, frames: list[np.ndarray], 
                                               on_segment=on_segment(name)))
                for name, source in zip(names, sources)]
     feeders = [asyncio.create_task(feed(i, source)) for i, source in enumerate(sources)]
+    fed_until: list[float] = []
+    feeding = asyncio.gather(*feeders)
+    feeding.add_done_callback(lambda _: fed_until.append(time.perf_counter()))
     await asyncio.sleep(args.seconds / 3)  # the streams are ingesting and refreshing
-    at = committed[0]
+    at = len(commits)
     asked = await questions(app, args)
-    await asyncio.gather(*feeders)
-    fed = time.perf_counter() - started
-    while_fed = committed[0]
+    await feeding
+    fed = fed_until[0] - started
+    while_fed = sum(t <= fed_until[0] for t in commits)
     stop.set()  # what waits in the (short) queues is still stored
     reports = await asyncio.gather(*ingests)
     wall = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""Questions beside 8 live streams (bench/busy.py --quick): every figure is there and the streams were encoded together."""
+"""Questions beside 8 live streams (bench/busy.py --quick): every figure is there, the streams encoded together."""
 from __future__ import annotations
 
 import json
