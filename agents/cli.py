@@ -527,6 +527,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
     if change:
         text += f"; {deleted} segments deleted now, {_size(disk)} on disk"
     _emit(args, payload, text)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from vidmem.memory.postgres import is_memory_url
     from vidmem.memory.shared import migrate

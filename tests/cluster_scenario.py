@@ -26,12 +26,29 @@ FPS = 2.0
 REPLAY_SPEED = 1.0  # frames arrive as from cameras: every stream is still running when the node goes
 
 
+STARTED: list[subprocess.Popen] = []  # stopped on the way out if still running
+
+
+def start_vidmem(*args: str, env: dict) -> subprocess.Popen:
+    """`vidmem ARGS --json` in a separate process, started now; `finish` waits for its JSON."""
+    STARTED.append(subprocess.Popen([sys.executable, "-m", "vidmem", *args, "--json"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env))
+    return STARTED[-1]
+
+
+def finish(process: subprocess.Popen) -> dict:
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise SystemExit(f"{' '.join(process.args[2:5])} did not finish within 300 s") from None
+    if process.returncode != 0:
+        raise SystemExit(f"vidmem {process.args[3]} failed: {err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def vidmem(*args: str, env: dict) -> dict:
-    result = subprocess.run([sys.executable, "-m", "vidmem", *args, "--json"], capture_output=True, text=True,
-                            env=env, timeout=300)
-    if result.returncode != 0:
-        raise SystemExit(f"vidmem {args[0]} failed: {result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return finish(start_vidmem(*args, env=env))
 
 
 def fingerprint(memory, row) -> int:
@@ -53,15 +70,16 @@ def main() -> None:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDMEM_MODEL": llava, "VIDMEM_EMBEDDER": clip}
     out: dict = {}
+    # The reference: the same video ingested by one process into an embedded memory (while the services start).
+    reference = start_vidmem("ingest", video, "--memory", str(work_dir / "reference"), "--fps", str(FPS), "--stream",
+                             "ref", env=env)
     pg, milvus = start_postgres(), start_milvus()
     head = None
     try:
         url = f"{pg.create_database('scenario')}?index={milvus.url}&tokens={work_dir / 'tokens'}"
         out["url"] = url
         Memory.open(url).close()  # create the tables, so readers can open it before the first segment
-        # The reference: the same video ingested by one process into an embedded memory.
-        reference = vidmem("ingest", video, "--memory", str(work_dir / "reference"), "--fps", str(FPS), "--stream",
-                           "ref", env=env)
+        reference = finish(reference)
         with Memory.open(work_dir / "reference", readonly=True) as ref:
             out["reference"] = [[r.start, r.end] for r in ref.segments(stream="ref")]
         out["reference_segments"] = reference["segments"]
@@ -117,12 +135,18 @@ def main() -> None:
         app.close()
         ray.shutdown()
 
-        # Questions from other processes: the shared memory read directly, then answer replicas on the cluster.
-        out["ask"] = vidmem("ask", "what happens on cam1?", "--memory", url, "--stream", "cam1", env=env)
+        # Questions from other processes: the shared memory read directly (alongside the next two), then answer
+        # replicas on the cluster, twice in one conversation.
+        plain = start_vidmem("ask", "what happens on cam1?", "--memory", url, "--stream", "cam1", env=env)
         ray_env = {**env, cluster.ENV: head.address}
         out["ray_ask"] = [vidmem("ask", question, "--memory", url, "--conversation", "kitchen-chat", env=ray_env)
                           for question in ("what is happening?", "and then?")]
+        out["ask"] = finish(plain)
     finally:
+        for process in STARTED:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         if ray.is_initialized():
             ray.shutdown()
         if head is not None:

@@ -66,6 +66,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     )
 
 
+@pytest.fixture(scope="session")
+def testvideo_ingested(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels,
+                       videos: dict) -> tuple[Path, dict]:
+    """testvideo.mp4 ingested through the `vidmem` script into a fresh memory, and its JSON report: once for the
+    tests that only read it (test_cli.py, test_chat_cli.py)."""
+    from test_cli import vidmem
+
+    memory = tmp_path_factory.mktemp("cli") / "memory"
+    result = vidmem("ingest", str(videos["testvideo.mp4"]["file"]), "--json", memory=memory, models=tiny_models)
+    assert result.returncode == 0, result.stderr
+    return memory, json.loads(result.stdout)
+
+
 TALKING_ANSWER = (
     "The camera shows a person who walks into the room, looks around, picks up a cup from the table and then "
     "leaves through the door on the left."

@@ -22,6 +22,32 @@ def vidmem(*args: str, memory: Path, models=None, timeout: float = 300, env: dic
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
+def vidmem_in_process(capfd: pytest.CaptureFixture, *args: str, memory: Path,
+                      models=None) -> subprocess.CompletedProcess:
+    """`vidmem ARGS` through `vidmem.agents.cli.main`, the function the `vidmem` script calls, in this process: the
+    same parsing, output and exit status, without a Python start-up (seconds of imports per call on two cores).
+    For the tests whose subject is what a command does; the tests here run the script itself. stdout and stderr are
+    read at the file-descriptor level; the environment variables main() sets are put back afterwards."""
+    from vidmem.agents.cli import main
+
+    argv = [*args, "--memory", str(memory)]
+    if models is not None:
+        argv += ["--model", str(models.llava), "--embedder", str(models.clip), "--device", "cpu"]
+    saved = dict(os.environ)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.pop("VIDMEM_DEBUG", None)
+    capfd.readouterr()  # what came before is not this command's output
+    try:
+        code = main(argv)
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+    out, err = capfd.readouterr()
+    # the exit status `sys.exit(main())` gives: None is 0
+    return subprocess.CompletedProcess(["vidmem", *argv], 0 if code is None else code, out, err)
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -32,12 +58,9 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def ingested(tmp_path_factory, tiny_models, videos):
-    """testvideo.mp4 ingested once through the CLI into a fresh memory."""
-    memory = tmp_path_factory.mktemp("cli") / "memory"
-    result = vidmem("ingest", str(videos["testvideo.mp4"]["file"]), "--json", memory=memory, models=tiny_models)
-    assert result.returncode == 0, result.stderr
-    return memory, json.loads(result.stdout)
+def ingested(testvideo_ingested):
+    """testvideo.mp4 ingested once through the CLI into a fresh memory (once per session: conftest.py)."""
+    return testvideo_ingested
 
 
 def test_ingest_reports_the_contract_json(ingested, videos):

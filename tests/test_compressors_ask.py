@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import vidmem
+from test_cli import vidmem_in_process
 
 from vidmem.agents.app import Settings, Vidmem
 from vidmem.agents.select import Level, cost
@@ -73,15 +73,18 @@ def test_any_compressor_answers_within_any_budget_and_counts_every_token(apps, n
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COMPRESSORS)
-def test_every_compressor_ingests_real_video_and_answers_at_every_budget(tmp_path, tiny_models, videos, name) -> None:
+def test_every_compressor_ingests_real_video_and_answers_at_every_budget(tmp_path, tiny_models, videos, name,
+                                                                          capfd) -> None:
+    """`vidmem ingest --compressor NAME` on a real video, then `vidmem ask --budget B --json` at three budgets, through
+    the CLI's main in-process (test_cli.py runs the script; here each command costs a model load, not a start-up)."""
     memory = tmp_path / "memory"
-    ingest = vidmem("ingest", str(videos["testvideo.mp4"]["file"]), "--compressor", name, "--json", memory=memory,
-                    models=tiny_models)
+    ingest = vidmem_in_process(capfd, "ingest", str(videos["testvideo.mp4"]["file"]), "--compressor", name, "--json",
+                               memory=memory, models=tiny_models)
     assert ingest.returncode == 0, ingest.stderr
     report = json.loads(ingest.stdout)
     for budget in (300, 1000, 6000):
-        result = vidmem("ask", "what happens in the video?", "--budget", str(budget), "--json", memory=memory,
-                        models=tiny_models)
+        result = vidmem_in_process(capfd, "ask", "what happens in the video?", "--budget", str(budget), "--json",
+                                   memory=memory, models=tiny_models)
         assert result.returncode == 0, result.stderr
         answer = json.loads(result.stdout)
         assert 0 < answer["visual_tokens"] <= budget

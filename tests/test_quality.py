@@ -28,8 +28,8 @@ EVAL_SEED = 7  # held-out clips: seeds 7000.., far from the training seeds (100,
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
-    """The suite's recipe (`tests`: the quick one's vision tower and CLIP, a few VLM steps), trained once per test
-    session (or taken from VIDMEM_WORLD_MODELS, a `world_models.py` output directory, to save the minutes when
+    """The suite's recipe (`tests`: a vision tower and CLIP as the quick one's, the VLM's stage 1), trained once per
+    test session (or taken from VIDMEM_WORLD_MODELS, a `world_models.py` output directory, to save the minutes when
     running the tests again)."""
     given = os.environ.get("VIDMEM_WORLD_MODELS")
     if given and (Path(given) / "vlm" / "config.json").is_file():
@@ -70,14 +70,15 @@ def test_retrieval_from_the_question_text_finds_the_needle_in_an_hour(held_out):
 
 def test_held_out_shots_are_described_right_through_ask(held_out):
     """"Describe the video." over one held-out shot (`ask --since --until`): the description names the object's
-    colour and the background far more often than a guess does (1 in 4 and 1 in 3); the recipe measures about
-    0.9 and 1.0. A model that ignored the evidence would say one description for every shot."""
+    colour and the background far more often than a guess does (1 in 4 and 1 in 3); the recipe measured 0.73 and
+    1.0 (30 and 32 shots). A model that ignores the evidence says one description for every shot: one colour in
+    four right at best."""
     made, app = held_out
     clips = world.WorldSet(made.folder, footage=[f for f in made.footage if f.kind == "clip"][:8])
     scores = quality.describe_accuracy(app, clips)
     assert scores["colour"]["n"] >= 20 and scores["background"]["n"] >= 30
-    assert scores["colour"]["accuracy"] >= 0.6, scores
-    assert scores["background"]["accuracy"] >= 0.75, scores
+    assert scores["colour"]["accuracy"] >= 0.5, scores
+    assert scores["background"]["accuracy"] >= 0.8, scores
 
 
 def test_the_cli_gives_the_answers_the_bench_grades(trained, held_out, tmp_path):

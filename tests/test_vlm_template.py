@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import LLAVA_CHAT_TEMPLATE, build_tiny_llava
-from test_cli import one_line_error, vidmem
+from test_cli import one_line_error, vidmem, vidmem_in_process
 
 from vidmem.agents.models import load_vlm
 
@@ -43,15 +43,18 @@ def test_every_template_form_frames_the_video_before_the_question(tmp_path, form
 
 
 def test_a_checkpoint_with_only_the_list_content_template_answers_and_one_without_says_why(tmp_path, tiny_models,
-                                                                                        videos) -> None:
+                                                                                        videos, capfd) -> None:
+    # ingest and ask through the CLI's main in-process (a model load each, not a Python start-up); the refusal runs
+    # the `vidmem` script itself
     models = type(tiny_models)(llava=build_tiny_llava(tmp_path / "json-only", template="json"),
                                llava_other=tiny_models.llava_other, clip=tiny_models.clip, minilm=tiny_models.minilm)
     assert not (models.llava / "chat_template.jinja").exists()
     assert "chat_template" not in json.loads((models.llava / "tokenizer_config.json").read_text())
     memory = tmp_path / "memory"
-    ingest = vidmem("ingest", str(videos["counter.mp4"]["file"]), "--json", memory=memory, models=models)
+    ingest = vidmem_in_process(capfd, "ingest", str(videos["counter.mp4"]["file"]), "--json", memory=memory,
+                               models=models)
     assert ingest.returncode == 0, ingest.stderr
-    asked = vidmem("ask", "what number is shown?", "--json", memory=memory, models=models)
+    asked = vidmem_in_process(capfd, "ask", "what number is shown?", "--json", memory=memory, models=models)
     assert asked.returncode == 0, asked.stderr
     assert json.loads(asked.stdout)["segments"]
 

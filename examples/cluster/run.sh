@@ -43,6 +43,9 @@ chmod 755 "$state"
 python3 -c "import secrets; print(secrets.token_hex(32))" >"$state/ray-auth-token"
 chmod 600 "$state/ray-auth-token"
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$state/ray-auth-token"
+# A node told to stop (--down) stops at once: Ray would first drain it for up to 30 s (for Ray Serve's proxies,
+# which this example does not run), longer than --down waits before it kills the node.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
 # PostgreSQL: metadata, rules and events.
 if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$state/pg"; fi
