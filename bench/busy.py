@@ -16,7 +16,8 @@ the encoder's cost), so every question finds a full budget of evidence. Then thr
 - busy, unbatched: the same with `encode_batch_frames=0` (each stream encodes in its own thread, as before).
 Each question's time to first token is measured from its submission to the scheduler to its first streamed token
 (the queue wait, selection and prefill included). Busy phases also report segments committed per second while
-footage was fed (`segments_per_s`; the questions may outlast the feeding), frames the live sources dropped (a
+footage was fed (`segments_per_s`; the questions may outlast the feeding) and over the whole phase including the
+flush of what the streams' queues held at the end (`segments_per_s_with_flush`), frames the live sources dropped (a
 source's queue overflows when ingest falls behind), refreshes run, and the shared encoder's figures (calls, frames,
 streams per call). Prints one JSON line; progress goes to stderr.
 
@@ -201,6 +202,7 @@ async def busy(app: Vidmem, args: argparse.Namespace, frames: list[np.ndarray], 
         **summary(asked),
         "segments": sum(r.segments for r in reports), "segments_before_questions": at,
         "segments_while_fed": while_fed, "segments_per_s": round(while_fed / fed, 3),
+        "segments_per_s_with_flush": round(sum(r.segments for r in reports) / wall, 3),
         "fed_seconds": round(fed, 2), "wall_seconds": round(wall, 2),
         "frames_pushed": sum(s.received for s in sources), "frames_dropped": sum(r.dropped_frames for r in reports),
         "refreshes": refreshes, "encoding": encoding,
