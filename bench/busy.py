@@ -19,7 +19,8 @@ Each question's time to first token is measured from its submission to the sched
 footage was fed (`segments_per_s`; the questions may outlast the feeding) and over the whole phase including the
 flush of what the streams' queues held at the end (`segments_per_s_with_flush`), frames the live sources dropped (a
 source's queue overflows when ingest falls behind), refreshes run, and the shared encoder's figures (calls, frames,
-streams per call). Prints one JSON line; progress goes to stderr.
+streams per call). Each phase ends when the refreshes it queued have run. Prints one JSON line; progress goes to
+stderr.
 
 Full mode builds LLaVA-OneVision 0.5B's architecture in memory with random weights (bench/common.py: Qwen2-0.5B,
 SigLIP-so400m at 384 px; timing does not depend on the weights), `--layers` / `--vision-layers` build fewer decoder /
@@ -193,6 +194,8 @@ async def busy(app: Vidmem, args: argparse.Namespace, frames: list[np.ndarray], 
     stop.set()  # what waits in the (short) queues is still stored
     reports = await asyncio.gather(*ingests)
     wall = time.perf_counter() - started
+    # the refreshes still queued run now, so the next phase starts with an empty scheduler (captions come last)
+    await asyncio.wrap_future(app.scheduler.submit(Priority.CAPTION, lambda: None))
     after = app.encoding_stats() or {}
     encoding = {key: after[key] - before.get(key, 0) for key in ("calls", "frames", "requests", "multi_stream_calls")} \
         if after else None
