@@ -45,6 +45,8 @@ class Settings:
     prune: float = 1.0  # STC pruner: share of each segment's tokens shown to the model; selection spends budget / prune
     token_dtype: str = "float16"  # how new segments store their tokens: float16, or int8 with one scale per token
     kv_cache_bytes: int = 2 << 30  # kept KV caches (live windows, conversations) held at most, least recent out first
+    encode_batch_frames: int = 32  # frames a tower call may carry across streams (agents/encoding.py); 0: off
+    encode_gather_ms: float = 5.0  # how long the shared encoder waits for other open streams' frames before a call
     runtime: str | None = None  # eager | fast | fast-lm (agents/runtime.py); None: $VIDMEM_RUNTIME, else fast on a CPU
 
     def __post_init__(self) -> None:
@@ -53,6 +55,8 @@ class Settings:
         resolve(self.runtime)  # a bad name fails here, before anything loads
         if not 0.0 < self.prune <= 1.0:
             raise ConfigError(f"prune must be a share of tokens in (0, 1], not {self.prune}")
+        if self.encode_batch_frames < 0 or self.encode_gather_ms < 0:
+            raise ConfigError("encode_batch_frames (0: off) and encode_gather_ms must not be negative")
         if self.token_dtype not in ("float16", "int8"):
             raise ConfigError(f"token dtype must be float16 or int8, not {self.token_dtype!r}")
 
@@ -96,7 +100,11 @@ class MemorySink:
         self.on_segment = on_segment  # called (row, segment) after each commit, from the worker thread
         self.last_row = None
         self.encoder = app.encoder
-        if app.settings.feature_cache:  # one cache per stream: its frames resemble each other, not other cameras'
+        # tower and embedder calls shared with the other streams (agents/encoding.py), this stream's cache its own
+        self.shared = app.encoding.open(stream, cache=app.settings.feature_cache) if app.encoding is not None else None
+        if self.shared is not None:
+            self.encoder = self.shared.cache or app.encoder
+        elif app.settings.feature_cache:  # one cache per stream: its frames resemble each other, not other cameras'
             from vidmem.compressors.stc import CachedEncoder
 
             self.encoder = CachedEncoder(app.encoder)
@@ -104,9 +112,13 @@ class MemorySink:
     def encode(self, segments: list) -> list[EncodedSegment]:
         app = self.app
         images = [frame.image for segment in segments for frame in segment.frames]
+        keyframes = [s.keyframe.image for s in segments]
         with torch.inference_mode():
-            features = self.encoder(images)  # (sum T, L, D)
-            embeddings = app.embedder.embed_images([s.keyframe.image for s in segments])  # (B, E)
+            if self.shared is not None:
+                features, embeddings = self.shared.encode(images, keyframes)  # (sum T, L, D), (B, E)
+            else:
+                features = self.encoder(images)  # (sum T, L, D)
+                embeddings = app.embedder.embed_images(keyframes)  # (B, E)
             out, offset = [], 0
             for segment, embedding in zip(segments, embeddings):
                 block = app.vlm.compress(app.compressor, features[offset : offset + len(segment)].to(app.compressor_dtype))
@@ -115,6 +127,11 @@ class MemorySink:
                 out.append(EncodedSegment(tokens, block.slow, block.views.to_json(), embedding.astype(np.float32),
                                           jpeg(segment.keyframe.image)))
         return out
+
+    def close(self) -> None:
+        """The stream's ingest has ended: the shared encoder stops waiting for its company."""
+        if self.shared is not None:
+            self.shared.close()
 
     def commit(self, segment, encoded: EncodedSegment) -> int:
         row = self.app.memory.add_segment(
@@ -154,6 +171,7 @@ class Vidmem:
         self.live = KeptCaches(settings.kv_cache_bytes)
         self._status_writer = None  # one thread recording sources' states in the memory, in order
         self._scheduler = None  # model work by priority (agents/scheduler.py), started on first use
+        self._encoding = None  # the vision tower and embedder batched across streams (agents/encoding.py)
 
     @property
     def memory(self):
@@ -179,6 +197,22 @@ class Vidmem:
         from vidmem.agents.scheduler import Scheduler
 
         return self._once("_scheduler", Scheduler)
+
+    @property
+    def encoding(self):
+        """The encoder batcher every stream's ingest shares, or None when `encode_batch_frames` is 0."""
+        if not self.settings.encode_batch_frames:
+            return None
+        from vidmem.agents.encoding import EncodeBatcher
+
+        settings = self.settings
+        return self._once("_encoding", lambda: EncodeBatcher(self.encoder, self.embedder.embed_images,
+                                                             max_frames=settings.encode_batch_frames,
+                                                             gather_seconds=settings.encode_gather_ms / 1000))
+
+    def encoding_stats(self) -> dict | None:
+        """The shared encoder's figures (calls, frames, streams per call), or None before any stream used it."""
+        return self._encoding.stats() if self._encoding is not None else None
 
     @property
     def vlm(self):
@@ -296,6 +330,7 @@ class Vidmem:
             return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
                                 stop=stop)
         finally:
+            sink.close()
             await asyncio.to_thread(self._after_ingest, stream)
 
     def watch_source(self, source, stream: str, on_status: Callable[[str, object], None] | None = None) -> None:
@@ -614,6 +649,8 @@ class Vidmem:
     def close(self) -> None:
         if self._scheduler is not None:
             self._scheduler.close()
+        if self._encoding is not None:
+            self._encoding.close()
         if self._status_writer is not None:
             self._status_writer.shutdown(wait=True)
             self._status_writer = None

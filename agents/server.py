@@ -245,6 +245,7 @@ class LiveServer:
             "status": "ok", "streams": [s.figures() for s in self.streams.values()], "clients": len(self.clients),
             "pending_questions": self.pending_questions, "uptime_seconds": round(time.time() - self.started, 3),
             "sources": sources,
+            "encoding": getattr(self.app, "encoding_stats", lambda: None)(),  # the shared encoder's batching
         }
 
     # ---- HTTP ---------------------------------------------------------------------------------------

@@ -199,6 +199,7 @@ def test_a_follow_up_in_a_conversation_reuses_the_kept_cache(live, frames):
     assert error["code"] == "bad_message" and "conversation" in error["message"]
     health = live.thread.run(live.server.health)  # /healthz reports each source's state, as recorded
     assert health["sources"]["talk"]["state"] in ("live", "ended")
+    assert health["encoding"]["frames"] > 0 and health["encoding"]["calls"] > 0  # the shared encoder's figures
 
 
 def test_bad_messages_each_get_an_error_and_the_connection_keeps_serving(live, frames):
