@@ -191,8 +191,10 @@ def test_monitor_process_serves_questions_triggers_rules_and_leaves_a_last_will(
                 assert first["stream"] == "cam" and first["start_time"] == 0.0
                 assert base64.b64decode(first["snapshot"])[:2] == b"\xff\xd8"  # a JPEG keyframe
                 assert w.events(rule="anything")[-1]["event"]["end_time"] == pytest.approx(10.0, abs=0.5)
-                assert w.on("vidmem/cam/rule/anything/state")[-1] == "OFF"
+                # the sensor turns OFF (published just after the end event) ...
+                await w.wait(lambda: w.on("vidmem/cam/rule/anything/state")[-1:] == ["OFF"], "the rule's state OFF", 10)
                 # the source's state, retained: read while the file played, ended after its last frame
+                await w.wait(lambda: [m["state"] for m in w.on("vidmem/cam/state")][-1:] == ["ended"], "ended", 30)
                 states = [m["state"] for m in w.on("vidmem/cam/state")]
                 assert "live" in states and states[-1] == "ended", states
                 assert json.loads(await retained(broker.port, "vidmem/cam/state"))["state"] == "ended"
