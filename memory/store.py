@@ -603,7 +603,7 @@ class Memory:
                 entries = list(os.scandir(folder))
             except OSError:
                 continue
-            total += sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+            total += sum(_size_of(e) for e in entries)
         root = self.path / "tokens"
         if root.is_dir():
             total += sum(sum(self._files.chunks_on_disk(e.name).values()) for e in os.scandir(root) if e.is_dir())
@@ -1061,4 +1061,13 @@ def _faiss_gpus() -> int:
 
         return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     except Exception:  # noqa: BLE001 - a broken faiss-gpu simply means no GPU
+        return 0
+
+
+def _size_of(entry: os.DirEntry) -> int:
+    """A plain file's size, 0 for anything else or for a file gone since its folder was listed (an index save's
+    temporary file renamed meanwhile)."""
+    try:
+        return entry.stat(follow_symlinks=False).st_size if entry.is_file(follow_symlinks=False) else 0
+    except FileNotFoundError:
         return 0

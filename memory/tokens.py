@@ -138,13 +138,18 @@ class TokenFiles:
 
     def chunks_on_disk(self, stream: str) -> dict[int, int]:
         """chunk number -> file size, for the files present."""
-        folder = self.root / stream
         out: dict[int, int] = {}
-        if folder.is_dir():
-            for entry in os.scandir(folder):
-                stem, dot, ext = entry.name.partition(".")
-                if ext == "tok" and stem.isdigit():
+        try:
+            entries = list(os.scandir(self.root / stream))
+        except FileNotFoundError:  # no such stream, or removed meanwhile
+            return out
+        for entry in entries:
+            stem, dot, ext = entry.name.partition(".")
+            if ext == "tok" and stem.isdigit():
+                try:
                     out[int(stem)] = entry.stat().st_size
+                except FileNotFoundError:  # deleted (retention) since the folder was listed
+                    continue
         return out
 
     def remove_stream(self, stream: str) -> None:

@@ -93,3 +93,35 @@ def test_live_streams_age_out_by_the_wall_clock(tmp_path: Path) -> None:
         assert memory.retention("door") == Retention(max_age_seconds=3600.0)
     with pytest.raises(ConfigError):
         Retention(max_bytes=0)
+
+
+def test_disk_usage_is_read_while_index_saves_and_retention_replace_and_delete_files(tmp_path: Path) -> None:
+    """`disk_usage` (the disk budget's measure, sampled by serve and monitor) lists folders whose files come and go
+    under it: an index save's temporary files renamed away, token chunks deleted by retention. A file gone between
+    the listing and its size counts nothing; it is not an error."""
+    import threading
+
+    from vidmem.memory.atomic import atomic_write
+
+    with Memory.open(tmp_path / "mem") as memory:
+        memory.bind(MANIFEST)
+        (memory.path / "index").mkdir(exist_ok=True)
+        stop, errors = threading.Event(), []
+
+        def churn() -> None:  # what an index save does, as fast as it can
+            while not stop.is_set():
+                atomic_write(memory.path / "index" / "image.json", lambda p: p.write_text("{}" * 64))
+
+        worker = threading.Thread(target=churn)
+        worker.start()
+        try:
+            for _ in range(3000):
+                try:
+                    memory.disk_usage()
+                except OSError as exc:
+                    errors.append(exc)
+        finally:
+            stop.set()
+            worker.join()
+        assert errors == []
+        assert memory.disk_usage() > 0
