@@ -126,7 +126,7 @@ def storage_variants(out: Path, made: world.WorldSet, *, clips: int) -> dict:
         finally:
             app.close()
         summary["token_bytes"] = sum(f.stat().st_size for f in (memory / "tokens").rglob("*") if f.is_file())
-        summary["seconds"] = _since(mark)
+        summary["seconds"] = wm._since(mark)
         results[name] = summary
         log.info("%s: %s", name, summary["all"])
     return results
@@ -245,10 +245,6 @@ def needle(app, made: world.WorldSet) -> dict:
     return {str(b): {"recall": _mean(r["recall"]), "accuracy": _mean(r["accuracy"]),
                      "visual_tokens": int(max(r["visual_tokens"] or [0]))} for b, r in rows.items()} | {
         "hours": len(hours)}
-
-
-def _since(mark: float) -> float:
-    return round(time.perf_counter() - mark, 1)
 
 
 def _mean(values: list) -> float:
@@ -503,15 +499,15 @@ def run(out: Path, *, quick: bool, seed: int, reuse: bool, plot_path: Path | Non
 
     result["storage"] = storage_variants(out, made, clips=scale.storage_clips)
     result["describe_stage1"] = result["storage"]["float16 (default)"]["describe"]
-    result["answer_seconds"] = _since(started) - result["training"].get("seconds", 0) if not reused else None
+    result["answer_seconds"] = wm._since(started) - result["training"].get("seconds", 0) if not reused else None
     mark = time.perf_counter()
     result["compressors"] = compare_compressors(out, made, clips=scale.compare_clips, steps=scale.compare_steps,
                                                 bound=COMPARE_BOUND, seed=seed)
     result["compressor_bound"] = COMPARE_BOUND
-    result["compare_seconds"] = _since(mark)
+    result["compare_seconds"] = wm._since(mark)
     mark = time.perf_counter()
     result["rules"] = watch_rules(out, seed, scale)
-    result["rules_seconds"] = _since(mark)
+    result["rules_seconds"] = wm._since(mark)
     tp = result["compressors"].get("timeperceiver", {})
     gain = (tp.get("trained", {}).get("temporal", {}).get("accuracy", 0.0)
             - tp.get("untrained", {}).get("temporal", {}).get("accuracy", 0.0))
