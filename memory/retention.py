@@ -15,7 +15,7 @@ import time
 from typing import Protocol
 
 from vidmem.memory.tokens import TokenFiles
-from vidmem.memory.types import Retention, StreamInfo
+from vidmem.memory.types import Retention
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Budgeted(Protocol):
     _files: TokenFiles
 
     def disk_usage(self) -> int: ...
-    def streams(self) -> list[StreamInfo]: ...
+    def _stream_names(self) -> list[str]: ...
     def _first_stored(self, stream: str, chunk: int) -> float | None: ...
     def _drop_chunks(self, stream: str, victims: list[int]) -> int: ...
     def _compact(self) -> None: ...
@@ -114,15 +114,15 @@ def enforce_budget(memory: Budgeted, budget: int | None, incoming: int) -> int:
         memory._compact()  # give the database's free space back first: footage goes only for what is left
     while memory.disk_usage() + incoming > target:
         oldest: tuple[float, str, int] | None = None
-        for info in memory.streams():
-            chunks = memory._files.chunks_on_disk(info.name)
+        for name in memory._stream_names():  # committed streams: a new one's first write may be in flight
+            chunks = memory._files.chunks_on_disk(name)
             if not chunks:
                 continue
             first = min(chunks)
             # Stored first goes first: live streams are stored in time order, and recordings have no common clock
             # to compare their starts on.
-            created = memory._first_stored(info.name, first)
-            key = (float("-inf") if created is None else created, info.name, first)  # orphan files go first
+            created = memory._first_stored(name, first)
+            key = (float("-inf") if created is None else created, name, first)  # orphan files go first
             if oldest is None or key < oldest:
                 oldest = key
         if oldest is None:

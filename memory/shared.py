@@ -669,6 +669,9 @@ class SharedMemory:
                 with suppress(MemoryStoreError):  # a lost connection has released it already
                     _fetch(self._db(), "SELECT pg_advisory_unlock(%s)", (BUDGET_LOCK,))
 
+    def _stream_names(self) -> list[str]:
+        return [r[0] for r in self._q("SELECT name FROM streams ORDER BY name")]
+
     def _first_stored(self, stream: str, chunk: int) -> float | None:
         """When the first segment in a chunk of `stream` was stored (None: the chunk holds none and is not being
         written). A writer in another process may have written the active chunk's first record and not yet

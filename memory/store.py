@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -790,7 +791,7 @@ class Memory:
                 self._files.delete_chunk(name, c)
         return deleted
 
-    def _drop_chunk_rows(self, conn: sqlite3.Connection, name: str, victims: list[int]) -> int:
+    def _drop_chunk_rows(self, conn: Any, name: str, victims: list[int]) -> int:
         """Inside a write transaction: delete the segments in a stream's chunks `victims`, its row locked where the
         database locks rows (the shared memory runs this too); the caller deletes the files once this commits."""
         p = self._PARAM
@@ -809,6 +810,10 @@ class Memory:
         """Delete the memory's oldest chunks (any stream) until it fits its disk budget with `incoming` bytes more."""
         with self._lock:
             return enforce_budget(self, self._memory_retention(self._conn).max_bytes, incoming)
+
+    def _stream_names(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._conn.execute("SELECT name FROM streams ORDER BY name")]
 
     def _first_stored(self, stream: str, chunk: int) -> float | None:
         """When the first segment in a chunk of `stream` was stored (None: the chunk holds none)."""
