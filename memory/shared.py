@@ -839,8 +839,8 @@ MIGRATE_BATCH = 64  # segments per transaction when copying
 def migrate(source: str | Path, url: str, *, on_progress=None) -> dict:
     """Copy the embedded memory at `source` into the shared memory at `url`, then verify the copy.
 
-    Streams, segments (tokens, keyframes, retrieval and caption embeddings, captions), retention settings,
-    rules and events are copied; segment ids are the target's own. The copy is verified segment by segment
+    Streams, segments (tokens, keyframes, retrieval and caption embeddings, captions), retention settings (each
+    stream's and the memory's default age and disk budget), rules and events are copied; segment ids are the target's own. The copy is verified segment by segment
     (times, token bytes, keyframes) and the target's index is checked against its rows. Streams already present
     in the target are refused, so a memory is never merged into itself twice.
     """
@@ -876,6 +876,9 @@ def migrate(source: str | Path, url: str, *, on_progress=None) -> dict:
         for event in events:
             dst.add_event(event)
         report = _verify_copy(src, dst, pairs)
+        wide = src.retention()
+        if wide != Retention():  # the memory's own default age and budget, once the copy is whole and verified
+            dst.set_retention(None, wide)
         report.update(source=str(src.path), target=dst.path, streams=len(names), rules=len(src.rules()),
                       events=len(events))
         return report

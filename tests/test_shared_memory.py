@@ -327,6 +327,7 @@ def test_migrate_copies_an_embedded_memory_and_verifies_it(memory_url: str, tmp_
         stored = fill(embedded, 4, n=10)
         embedded.set_caption(embedded.segments(stream="porch")[1].id, "a cat", unit(np.random.default_rng(5), 8))
         embedded.set_retention("porch", Retention(max_age_seconds=3600))
+        embedded.set_retention(None, Retention(max_age_seconds=30 * 86400, max_bytes=10**12))
         embedded.put_rule("porch", {"id": "cat", "question": "is there a cat?"})
         embedded.add_event({"id": "e1", "stream": "porch", "start_time": 4.0})
     with Memory.open(tmp_path / "int8", token_dtype="int8") as other:
@@ -341,6 +342,7 @@ def test_migrate_copies_an_embedded_memory_and_verifies_it(memory_url: str, tmp_
             assert (row.stream, row.start) == (stream, start)
             np.testing.assert_array_equal(shared.read_tokens(row), tokens)
         assert shared.retention("porch") == Retention(max_age_seconds=3600)
+        assert shared.retention() == Retention(max_age_seconds=30 * 86400, max_bytes=10**12)
         assert [r["id"] for r in shared.rules()] == ["cat"] and shared.events()[0]["id"] == "e1"
         assert shared.search(unit(np.random.default_rng(5), 8), k=1, kinds=["caption"])[0][0].caption == "a cat"
     result = _vidmem("migrate", str(tmp_path / "int8"), memory_url, "--json")
