@@ -643,8 +643,8 @@ class SharedMemory:
             if not rows or rows[0][1] is None:
                 return 0
             with self._write() as conn:
-                chunk, chunk_end, max_bytes = conn.execute(
-                    "SELECT chunk, chunk_end, max_bytes FROM streams WHERE id = %s FOR UPDATE", (rows[0][0],)).fetchone()
+                chunk, chunk_end, max_bytes = conn.execute("SELECT chunk, chunk_end, max_bytes FROM streams "
+                                                           "WHERE id = %s FOR UPDATE", (rows[0][0],)).fetchone()
                 sizes = self._files.chunks_on_disk(name)
                 sizes[chunk] = chunk_end  # past the committed end is garbage a writer will overwrite
                 victims = chunks_to_drop(name, sizes, incoming, max_bytes)
@@ -840,9 +840,10 @@ def migrate(source: str | Path, url: str, *, on_progress=None) -> dict:
     """Copy the embedded memory at `source` into the shared memory at `url`, then verify the copy.
 
     Streams, segments (tokens, keyframes, retrieval and caption embeddings, captions), retention settings (each
-    stream's and the memory's default age and disk budget), rules and events are copied; segment ids are the target's own. The copy is verified segment by segment
-    (times, token bytes, keyframes) and the target's index is checked against its rows. Streams already present
-    in the target are refused, so a memory is never merged into itself twice.
+    stream's, and the memory's default age and disk budget), rules and events are copied; segment ids are the
+    target's own. The copy is verified segment by segment (times, token bytes, keyframes) and the target's index is
+    checked against its rows. Streams already present in the target are refused, so a memory is never merged into
+    itself twice.
     """
     import sqlite3
 
