@@ -24,6 +24,7 @@ import asyncio
 import io
 import json
 import random
+import re
 import sys
 import tempfile
 import threading
@@ -203,6 +204,10 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict:
                     figures["refused"] += 1
                     codes = figures.setdefault("refused_codes", {})
                     codes[exc.code] = codes.get(exc.code, 0) + 1
+                    # what the refusals said, per kind of stream (a camera down for minutes holds no footage)
+                    key = f"{'camera' if name.startswith('cam') else 'written'}: {_reason(str(exc))}"
+                    reasons = figures.setdefault("refused_reasons", {})
+                    reasons[key] = reasons.get(key, 0) + 1
                 else:
                     figures["failed"].append(f"{type(exc).__name__}: {exc}")
 
@@ -237,14 +242,20 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict:
         "disk_max_bytes": figures["disk_max"], "disk_end_bytes": stats["disk_bytes"],
         "segments_written": figures["segments_written"], "segments_kept": stats["segments"],
         "questions": figures["questions"], "answered": figures["answered"], "refused": figures["refused"],
-        "refused_codes": figures.get("refused_codes", {}),
+        "refused_codes": figures.get("refused_codes", {}), "refused_reasons": figures.get("refused_reasons", {}),
         "failed": figures["failed"], "crashed_tasks": crashed,
         "rss_mb": {"second_quarter": round(float(np.mean(rss[quarter:2 * quarter])), 1),
-                   "last_quarter": round(float(np.mean(rss[-quarter:])), 1), "max": round(max(rss), 1)},
+                   "last_quarter": round(float(np.mean(rss[-quarter:])), 1), "max": round(max(rss), 1),
+                   "per_minute": [round(float(np.mean(rss[i:i + 60])), 1) for i in range(0, len(rss), 60)]},
         "cameras_state": states, "outages": figures["outages"],
         "gaps": {s["name"]: s["gaps"] for s in stats["streams"] if s["name"].startswith("cam")},
         "sources_lost": [name for name, state in states.items() if state["state"] == "ended"],
     }
+
+
+def _reason(message: str) -> str:
+    """An error message without its particulars (stream names, numbers), to count alike refusals together."""
+    return re.sub(r"'[^']*'|\d+(\.\d+)?", "_", message)[:100]
 
 
 def main() -> None:
