@@ -15,6 +15,7 @@ others, best of `--repeats`:
 - `fast`: vidmem's current runtime (compressors/runtime.py, agents/runtime.py): int8 dynamic `nn.Linear`s, fbgemm;
 - `compile`: `torch.compile` (inductor, freezing on: weights constant-folded and prepacked), fp32;
 - `compile_int8`: `torch.compile` on top of `fast`'s int8 module;
+- `compile_torchao_int8`: `torch.compile` over torchao's int8 dynamic-activation/int8-weight linear layers;
 - `ort_fp32`: `torch.onnx.export` (dynamo) -> ONNX Runtime, CPU provider, all graph optimizations;
 - `ort_int8_s8` / `ort_int8_u8`: `onnxruntime.quantization.quantize_dynamic` of that graph, per-channel, QInt8 or
   QUInt8 weights (AVX2 without VNNI may run one better than the other).
@@ -216,14 +217,14 @@ def tower_candidates(args: argparse.Namespace, work: Path) -> tuple[dict, list[C
     pixels = torch.randn(args.frames, 3, config["image_size"], config["image_size"])  # (F, 3, 384, 384), normalized
     feed = {"pixel_values": pixels.numpy()}
 
-    def plain(module: torch.nn.Module) -> Run:
+    def plain(module: Callable) -> Run:
         return lambda: _no_grad(module, pixels)
 
     candidates = [build("eager", "torch eager fp32 (SDPA)", lambda: (plain(eager), None))]
     int8 = TowerFeatures(quantize_linears(tower)).eval()
     candidates.append(build("fast", "vidmem fast: torch int8 dynamic nn.Linear (fbgemm, per-channel)",
                             lambda: (plain(int8), None)))
-    candidates += torch_compile_candidates(eager, int8, pixels)
+    candidates += torch_compile_candidates(eager, int8, plain)
     candidates += ort_candidates(eager, (pixels,), feed, work / "tower", args.threads,
                                  dynamic_shapes={"pixel_values": {0: torch.export.Dim("frames", min=1, max=64)}},
                                  unpack=lambda outputs: torch.from_numpy(outputs[0]))
@@ -238,22 +239,41 @@ def _no_grad(module: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         return module(*inputs)
 
 
-def torch_compile_candidates(eager: torch.nn.Module, int8: torch.nn.Module, *inputs: torch.Tensor) -> list[Candidate]:
+def torch_compile_candidates(eager: torch.nn.Module, int8: torch.nn.Module,
+                             runner: Callable[[Callable], Run], note: str | None = None) -> list[Candidate]:
+    """torch.compile (inductor, freezing) over the fp32 module, over `fast`'s int8 module, and over torchao's int8
+    dynamic-activation/int8-weight tensors (the int8 path torch.compile is made for), when torchao is installed."""
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # inference: constant-fold and prepack the weights (the recommended CPU setting)
+    torch._dynamo.config.cache_size_limit = 64  # one compiled graph per candidate module; none is evicted
 
-    def compiled(module: torch.nn.Module) -> Callable[[], tuple[Run, None]]:
-        def make() -> tuple[Run, None]:
-            torch._dynamo.reset()
-            fn = torch.compile(module, backend="inductor", dynamic=False)
-            return (lambda: _no_grad(fn, *inputs)), None
+    def compiled(module: torch.nn.Module | Callable[[], torch.nn.Module]) -> Callable[[], tuple[Run, str | None]]:
+        def make() -> tuple[Run, str | None]:
+            target = module if isinstance(module, torch.nn.Module) else module()
+            return runner(torch.compile(target, backend="inductor", dynamic=False)), note
         return make
+
+    def torchao_int8() -> torch.nn.Module:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantized = copy.deepcopy(eager)
+        quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
+        return quantized.eval()
 
     return [
         build("compile", "torch.compile inductor fp32 (freezing)", compiled(eager)),
         build("compile_int8", "torch.compile inductor over torch int8 dynamic nn.Linear (freezing)", compiled(int8)),
+        build("compile_torchao_int8", f"torch.compile inductor over torchao {_version('torchao')} int8 dynamic "
+              "activation + int8 weight (freezing)", compiled(torchao_int8)),
     ]
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
 
 
 def ort_candidates(module: torch.nn.Module, args: tuple, feed: dict, work: Path, threads: int, *, dynamic_shapes,
@@ -322,7 +342,7 @@ def lm_candidates(args: argparse.Namespace, work: Path) -> tuple[dict, list[Cand
     embeds = torch.randn(1, args.tokens, config.hidden_size) * 0.5  # (1, S, H) evidence embeddings
     layers = config.num_hidden_layers
 
-    def with_cache(module: torch.nn.Module) -> Run:
+    def with_cache(module: Callable) -> Run:
         """The call vidmem makes (agents/answer.py): inputs_embeds into a transformers Cache that is kept."""
         def run() -> torch.Tensor:
             cache = DynamicCache(config=config)
@@ -337,20 +357,8 @@ def lm_candidates(args: argparse.Namespace, work: Path) -> tuple[dict, list[Cand
     candidates.append(build("fast", "vidmem fast-lm: torch int8 dynamic nn.Linear (fbgemm, per-channel)",
                             lambda: (with_cache(int8), None)))
 
-    import torch._inductor.config as inductor
-
-    inductor.freezing = True
-
-    def compiled(module: torch.nn.Module) -> Callable[[], tuple[Run, str]]:
-        def make() -> tuple[Run, str]:
-            torch._dynamo.reset()
-            fn = torch.compile(module, backend="inductor", dynamic=False)
-            return with_cache(fn), "the compiled Qwen2Model called with inputs_embeds and a DynamicCache (kept)"
-        return make
-
-    candidates.append(build("compile", "torch.compile inductor fp32 (freezing)", compiled(lm)))
-    candidates.append(build("compile_int8", "torch.compile inductor over torch int8 dynamic nn.Linear (freezing)",
-                            compiled(int8)))
+    candidates += torch_compile_candidates(
+        lm, int8, with_cache, note="the compiled Qwen2Model called with inputs_embeds and a DynamicCache (kept)")
 
     def unpack(outputs: list) -> torch.Tensor:
         cache = DynamicCache(config=config)  # the exported graph's present keys/values go into a transformers Cache
@@ -376,13 +384,7 @@ def lm_candidates(args: argparse.Namespace, work: Path) -> tuple[dict, list[Cand
 
 
 def versions() -> dict:
-    out = {}
-    for module in ("onnxruntime", "onnx", "onnxscript"):
-        try:
-            out[module] = __import__(module).__version__
-        except ImportError:
-            out[module] = None
-    return out
+    return {module: _version(module) for module in ("onnxruntime", "onnx", "onnxscript", "torchao")}
 
 
 def main() -> None:
