@@ -18,7 +18,8 @@ others, best of `--repeats`:
 - `compile_torchao_int8`: `torch.compile` over torchao's int8 dynamic-activation/int8-weight linear layers;
 - `ort_fp32`: `torch.onnx.export` (dynamo) -> ONNX Runtime, CPU provider, all graph optimizations;
 - `ort_int8_s8` / `ort_int8_u8`: `onnxruntime.quantization.quantize_dynamic` of that graph, per-channel, QInt8 or
-  QUInt8 weights (AVX2 without VNNI may run one better than the other).
+  QUInt8 weights (AVX2 without VNNI may run one better than the other); `ort_int8_s8_rr`: QInt8 with
+  `reduce_range` (7-bit weights: the u8 x s8 products of AVX2's vpmaddubsw cannot saturate).
 
 `--layers` cuts both models to N layers (identical layers: per-layer cost and the ratios carry over to full depth).
 Memory: `rss_added_mb` is the resident size the candidate added (after conversion, before timing), `peak_rss_mb`
@@ -95,9 +96,16 @@ class Candidate:
     times: list[float] = field(default_factory=list)
 
 
+SELECTED: set[str] | None = None  # --candidates: build only these
+SKIPPED = "not selected (--candidates)"
+
+
 def build(name: str, runtime: str, make: Callable[[], tuple[Run, str | None]]) -> Candidate:
     """Convert one candidate (timing its one-time cost and memory) and run it once (its output, and a warm-up)."""
     candidate = Candidate(name, runtime)
+    if SELECTED is not None and name not in SELECTED:
+        candidate.error = SKIPPED
+        return candidate
     gc.collect()
     before = rss_mb()
     log(f"{name}: converting ({runtime})")
@@ -119,7 +127,10 @@ def build(name: str, runtime: str, make: Callable[[], tuple[Run, str | None]]) -
 
 
 def race(candidates: list[Candidate], repeats: int) -> None:
-    """Time the working candidates alternating (one call each per round), `repeats` rounds."""
+    """Time the working candidates alternating (one call each per round): one untimed round, then `repeats`."""
+    for candidate in candidates:
+        if candidate.run is not None:
+            candidate.run()
     for round_ in range(repeats):
         for candidate in candidates:
             if candidate.run is None:
@@ -142,6 +153,8 @@ def report(candidates: list[Candidate], *, unit: str, per_call: float, reference
     values: dict[str, float] = {}
     out: dict[str, dict] = {}
     for c in candidates:
+        if c.error == SKIPPED:
+            continue
         row: dict = {"runtime": c.runtime}
         if c.error:
             row["error"] = c.error
@@ -184,11 +197,11 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, *, dynamic_sha
                           input_names=None, output_names=output_names, optimize=True, verbose=False)
 
 
-def quantize_onnx(source: Path, target: Path, weight_type: str) -> None:
+def quantize_onnx(source: Path, target: Path, weight_type: str, *, reduce_range: bool = False) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), per_channel=True, weight_type=getattr(QuantType, weight_type),
-                     use_external_data_format=True)
+    quantize_dynamic(str(source), str(target), per_channel=True, reduce_range=reduce_range,
+                     weight_type=getattr(QuantType, weight_type), use_external_data_format=True)
 
 
 # ---------------------------------------------------------------------------------------------------- tower
@@ -292,22 +305,23 @@ def ort_candidates(module: torch.nn.Module, args: tuple, feed: dict, work: Path,
         session = ort_session(fp32_path, threads)
         return (lambda: unpack(session.run(None, feed))), note
 
-    def int8(weight_type: str) -> Callable[[], tuple[Run, str | None]]:
+    def int8(weight_type: str, reduce_range: bool) -> Callable[[], tuple[Run, str | None]]:
         def make() -> tuple[Run, str | None]:
             if not fp32_path.exists():
                 raise RuntimeError("the fp32 export failed")
-            target = work / f"int8_{weight_type}.onnx"
-            quantize_onnx(fp32_path, target, weight_type)
+            target = work / f"int8_{weight_type}{'_rr' if reduce_range else ''}.onnx"
+            quantize_onnx(fp32_path, target, weight_type, reduce_range=reduce_range)
             session = ort_session(target, threads)
             export = f"its conversion time adds to the fp32 export's {exported.get('s', 0):.1f} s"
             return (lambda: unpack(session.run(None, feed))), f"{note}; {export}" if note else export
         return make
 
     candidates = [build("ort_fp32", f"ONNX Runtime {ort.__version__} fp32 (torch.onnx.export dynamo, CPU EP)", fp32)]
-    for weight_type, short in (("QInt8", "s8"), ("QUInt8", "u8")):
-        candidates.append(build(f"ort_int8_{short}",
-                                f"ONNX Runtime {ort.__version__} int8 (quantize_dynamic, per-channel, {weight_type})",
-                                int8(weight_type)))
+    for name, weight_type, reduce_range in (("ort_int8_s8", "QInt8", False), ("ort_int8_u8", "QUInt8", False),
+                                            ("ort_int8_s8_rr", "QInt8", True)):
+        candidates.append(build(name, f"ONNX Runtime {ort.__version__} int8 (quantize_dynamic, per-channel, "
+                                      f"{weight_type}{', reduce_range: 7-bit weights' if reduce_range else ''})",
+                                int8(weight_type, reduce_range)))
     return candidates
 
 
@@ -397,7 +411,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1, help="frames per tower call")
     parser.add_argument("--tokens", type=int, default=1024, help="prefill tokens")
     parser.add_argument("--only", choices=("tower", "lm"), default=None)
+    parser.add_argument("--candidates", default=None,
+                        help="comma-separated names to build (eager always; ort_fp32 too when any ort_ is named)")
     args = parser.parse_args()
+    global SELECTED
+    if args.candidates:
+        SELECTED = {"eager", *args.candidates.split(",")}
+        if any(name.startswith("ort_int8") for name in SELECTED):
+            SELECTED.add("ort_fp32")  # the int8 graphs are quantized from its export
     if args.layers:
         args.tower_layers, args.lm_layers = min(args.layers, 27), min(args.layers, 24)
     if args.threads:
