@@ -1,7 +1,7 @@
 """CPU runtimes side by side: eager fp32, vidmem's `fast` (torch int8 dynamic), torch.compile and ONNX Runtime.
 
     python bench/cpu_runtimes.py [--layers N | --tower-layers N --lm-layers N] [--threads T] [--repeats R]
-                                 [--frames F] [--tokens S] [--only tower|lm]
+                                 [--frames F] [--tokens S] [--only tower|lm] [--candidates fast,ort_int8_u8,...]
 
 Two models, LLaVA-OneVision 0.5B's full-size architecture with random weights (bench/common.py; timing does not
 depend on the weights):
