@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
     _token_dtype(p)
     _kv_cache(p)
+    _encode_batch(p)
     _ray_flag(p)
     _common(p)
 
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "gives up)")
     _token_dtype(p)
     _kv_cache(p)
+    _encode_batch(p)
     _ray_flag(p)
     _common(p)
 
@@ -177,6 +179,25 @@ def _kv_cache(parser: argparse.ArgumentParser) -> None:
                         help="kept KV caches (live windows, conversations) held at most, in MB; least recent go first")
 
 
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid float value: 'abc'"
+    return parse
+
+
+def _encode_batch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encode-batch", type=_non_negative(int), default=32, metavar="FRAMES",
+                        help="frames one vision-tower call may carry across the live streams (default 32; 0: each "
+                             "stream encodes alone)")
+    parser.add_argument("--encode-gather-ms", type=_non_negative(float), default=5.0, metavar="MS",
+                        help="how long the shared encoder waits for other streams' frames before a call, while "
+                             "more than one stream is open (default 5)")
+
+
 def _token_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-dtype", choices=("float16", "int8"), default="float16",
                         help="how new segments store their tokens (int8: half the disk, one scale per token)")
@@ -196,6 +217,8 @@ def _settings(args: argparse.Namespace):
         caption_embedder=getattr(args, "caption_embedder", None),
         token_dtype=getattr(args, "token_dtype", "float16"),
         kv_cache_bytes=_kv_cache_bytes(getattr(args, "kv_cache_mb", 2048.0)),
+        encode_batch_frames=getattr(args, "encode_batch", 32),
+        encode_gather_ms=getattr(args, "encode_gather_ms", 5.0),
         runtime=args.runtime,
     )
 

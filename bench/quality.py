@@ -497,9 +497,11 @@ def run(out: Path, *, quick: bool, seed: int, reuse: bool, plot_path: Path | Non
     finally:
         app.close()
 
+    result["answer_seconds"] = wm._since(started) - result["training"].get("seconds", 0) if not reused else None
+    mark = time.perf_counter()
     result["storage"] = storage_variants(out, made, clips=scale.storage_clips)
     result["describe_stage1"] = result["storage"]["float16 (default)"]["describe"]
-    result["answer_seconds"] = wm._since(started) - result["training"].get("seconds", 0) if not reused else None
+    result["storage_seconds"] = wm._since(mark)
     mark = time.perf_counter()
     result["compressors"] = compare_compressors(out, made, clips=scale.compare_clips, steps=scale.compare_steps,
                                                 bound=COMPARE_BOUND, seed=seed)

@@ -109,8 +109,8 @@ RECIPES = {
                     qa_steps=0),
     "quick": Recipe("quick", clips=96, vision_steps=400, vision_clips=48, clip_steps=300, caption_steps=600,
                     qa_steps=600),
-    "full": Recipe("full", clips=320, vision_steps=1200, vision_clips=160, clip_steps=1200, caption_steps=3000,
-                   qa_steps=4000, vision_stride=1),
+    "full": Recipe("full", clips=320, vision_steps=1200, vision_clips=160, clip_steps=1200, caption_steps=2000,
+                   qa_steps=1500, vision_stride=1),
 }
 
 

@@ -15,16 +15,24 @@ stream's committed chunk end, then commits the rows: a segment is visible only o
 committed, and bytes a killed writer left past the committed end are overwritten by the next one. Retention
 commits the deletions before it removes files. Writers take stream row locks (in name order) before the
 change-log lock, so two writers never wait on each other in a cycle.
+
+Retention is the embedded memory's (memory/retention.py): each stream's age and byte limits, and the memory's own
+default age and disk budget, stored in the `meta` table under the same key and JSON as in SQLite (an existing
+shared memory needs no new tables). The disk budget counts `disk_usage()`: the token files on the shared storage
+plus PostgreSQL's size of this memory's tables; Milvus holds derived data and is sized with the deployment, not by
+the budget. Writers keep the budget before each write and after each ingest, `serve` and `monitor` every minute;
+one process at a time (an advisory lock) drops the oldest chunks.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +40,17 @@ import numpy as np
 from vidmem.errors import ConfigError, MemoryStoreError, UnknownStreamError
 from vidmem.memory import tokens as tok
 from vidmem.memory.milvus import MilvusIndex
-from vidmem.memory.postgres import CHANGES_LOCK, SCHEMA_VERSION, SharedSpec, connect, transaction
-from vidmem.memory.store import CHANGES_KEPT, CHUNK_BYTES, UNIX_EPOCH_2001, Memory, _chunk_limit
+from vidmem.memory.postgres import CHANGES_LOCK, SCHEMA, SCHEMA_VERSION, SharedSpec, connect, transaction
+from vidmem.memory.retention import (RETENTION_KEY, age_cutoff, chunks_to_drop, enforce_budget, memory_retention,
+                                     retention_json, stream_chunk_limit, token_dir_bytes)
+from vidmem.memory.store import CHANGES_KEPT, CHUNK_BYTES, Memory
 from vidmem.memory.types import Manifest, Retention, SegmentRow, StreamInfo, check_stream_name
 
 log = logging.getLogger(__name__)
 
 MARKER = ".vidmem-memory"  # in the token directory: the instance id of the memory it belongs to
+BUDGET_LOCK = 0x7669646F  # advisory lock (beside memory/postgres.py's): one process at a time keeps the disk budget
+TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))  # the relations this memory owns
 _SEGMENT_COLUMNS = "s.id, t.name, s.t_start, s.t_end, s.frames, s.cut, s.tokens, s.slow, s.caption, s.views"
 
 
@@ -53,6 +65,11 @@ class SharedMemory:
     # Checking and encoding a segment is the embedded memory's code: the same rules, the same record bytes.
     _prepare = Memory._prepare
     _check_embedding = staticmethod(Memory._check_embedding)
+    # So is deleting whole chunks of a stream, with the stream's row locked against writers in other processes.
+    _PARAM = "%s"
+    _LOCK_ROW = " FOR UPDATE"
+    _drop_chunks = Memory._drop_chunks
+    _drop_chunk_rows = Memory._drop_chunk_rows
 
     def __init__(self, spec: SharedSpec, conn, *, readonly: bool, device: str, token_dtype: str,
                  chunk_bytes: int) -> None:
@@ -218,6 +235,7 @@ class SharedMemory:
             incoming[rec["stream"]] = incoming.get(rec["stream"], 0) + rec["record_bytes"]
         for name, nbytes in incoming.items():
             self._make_room(name, nbytes)
+        self._enforce_budget(sum(incoming.values()))
         rows: list[SegmentRow] = []
         now = time.time()
         with self._write() as conn:
@@ -267,7 +285,9 @@ class SharedMemory:
                             [(n, now) for n in names])
         rows = conn.execute("SELECT name, id, chunk, chunk_end, max_bytes FROM streams WHERE name = ANY(%s) "
                             "ORDER BY name FOR UPDATE", (names,)).fetchall()
-        return {r[0]: [r[1], r[2], r[3], _chunk_limit(r[4], self.chunk_bytes)] for r in rows}
+        budget = self._memory_retention().max_bytes  # shared by the streams: chunks small enough to share it
+        count = conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0] if budget is not None else 1
+        return {r[0]: [r[1], r[2], r[3], stream_chunk_limit(r[4], budget, count, self.chunk_bytes)] for r in rows}
 
     def extend_segment(self, segment_id: int, *, end: float, frames: int) -> None:
         """Grow a segment's time range (the static check found a repeat of it)."""
@@ -438,15 +458,13 @@ class SharedMemory:
 
     def stats(self) -> dict:
         """Streams, segments, bytes, time covered, each source's state and gaps, and the retention in force."""
-        from vidmem.memory.store import _retention_json
-
         infos = self.streams()
         sources = self.sources()
         limits = {r[0]: Retention(max_age_seconds=r[1], max_bytes=r[2])
                   for r in self._q("SELECT name, max_age, max_bytes FROM streams")}
         gaps = dict(self._q("SELECT stream, COUNT(*) FROM gaps GROUP BY stream"))
         streams = [{"name": i.name, "segments": i.segments, "bytes": i.bytes, "start": i.start, "end": i.end,
-                    "seconds": i.seconds_covered, "retention": _retention_json(limits.get(i.name, Retention())),
+                    "seconds": i.seconds_covered, "retention": retention_json(limits.get(i.name, Retention())),
                     "source": sources.get(i.name), "gaps": gaps.get(i.name, 0)} for i in infos]
         return {
             "path": self.path,
@@ -456,12 +474,19 @@ class SharedMemory:
             "bytes": sum(i.bytes for i in infos),
             "disk_bytes": self.disk_usage(),
             "seconds_covered": sum(i.seconds_covered for i in infos),
-            "retention": _retention_json(self.retention()),
+            "retention": retention_json(self.retention()),
         }
 
     def disk_usage(self) -> int:
-        """Bytes of this memory's token files on the shared storage (PostgreSQL and Milvus size their own disks)."""
-        return self.disk_bytes()
+        """Bytes this memory takes, as its disk budget counts them: the token files on the shared storage (the
+        footage, nearly all of it) plus PostgreSQL's size of this memory's tables (`pg_total_relation_size`: rows,
+        indexes, TOAST). Milvus's index is derived data, rebuilt from PostgreSQL, and is sized with the deployment
+        (bench/scale.py's sizing table), not counted here."""
+        return token_dir_bytes(self._files) + self._table_bytes()
+
+    def _table_bytes(self) -> int:
+        return int(self._q("SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0)::bigint "
+                           "FROM unnest(%s::text[]) AS t", (list(TABLES),))[0][0])
 
     def disk_bytes(self, stream: str | None = None) -> int:
         """Bytes of token files on the shared storage (all streams, or one)."""
@@ -538,9 +563,13 @@ class SharedMemory:
 
     # -- retention ---------------------------------------------------------------------------------------
     def set_retention(self, stream: str | None, retention: Retention) -> None:
+        """Set a stream's retention, or with `stream=None` the memory's: a default age for streams without their
+        own, and a disk budget (`max_bytes`) for the whole memory, as `disk_usage` counts it."""
         if stream is None:
-            raise ConfigError("memory-wide retention (a default age, a disk budget) is not available on a shared "
-                              "memory yet; set each stream's retention.")
+            with self._write() as conn:
+                conn.execute("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                             (RETENTION_KEY, json.dumps(retention_json(retention))))
+            return
         name = check_stream_name(stream)
         with self._write() as conn:
             conn.execute("INSERT INTO streams (name, created) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
@@ -549,18 +578,25 @@ class SharedMemory:
                          (retention.max_age_seconds, retention.max_bytes, name))
 
     def retention(self, stream: str | None = None) -> Retention:
+        """A stream's own retention, or with `stream=None` the memory's (default age, disk budget)."""
         if stream is None:
-            return Retention()  # no memory-wide retention on a shared memory (see set_retention)
+            return self._memory_retention()
         rows = self._q("SELECT max_age, max_bytes FROM streams WHERE name = %s", (stream,))
         if not rows:
             raise UnknownStreamError(f"no stream named {stream!r} in the memory at {self.path}.")
         return Retention(max_age_seconds=rows[0][0], max_bytes=rows[0][1])
 
+    def _memory_retention(self) -> Retention:
+        return memory_retention(self._meta(RETENTION_KEY))
+
     def apply_retention(self, stream: str | None = None) -> int:
-        """Enforce the retention of one stream (or all); returns how many segments were deleted."""
+        """Enforce retention: each stream's age and byte limits (one stream's, or all), then the memory's disk
+        budget, oldest footage first; gaps and events are pruned with it. Returns the segments deleted."""
         self._check_writable()
         names = [stream] if stream is not None else [i.name for i in self.streams()]
         deleted = sum(self._age_out(name) + self._make_room(name, 0) for name in names)
+        deleted += self._enforce_budget(0)
+        self.prune_logs()
         if deleted:
             self._after_commit()
         return deleted
@@ -579,16 +615,18 @@ class SharedMemory:
     def _age_out(self, name: str) -> int:
         with self._lock:
             rows = self._q("SELECT id, max_age, max_span FROM streams WHERE name = %s", (name,))
-            if not rows or rows[0][1] is None:
+            if not rows:
                 return 0
             sid, max_age, span = rows[0]
+            if max_age is None:
+                max_age = self._memory_retention().max_age_seconds
+            if max_age is None:
+                return 0
             newest = self._q("SELECT MAX(t_end) FROM segments WHERE stream_id = %s AND t_start >= "
                              "(SELECT MAX(t_start) FROM segments WHERE stream_id = %s) - %s", (sid, sid, span))[0][0]
             if newest is None:
                 return 0
-            # Live streams carry unix times: age counts from now; recordings keep their last max_age seconds.
-            now = max(newest, time.time()) if newest > UNIX_EPOCH_2001 else newest
-            cutoff = now - max_age
+            cutoff = age_cutoff(newest, max_age)
             with self._write() as conn:
                 conn.execute("SELECT id FROM streams WHERE id = %s FOR UPDATE", (sid,))
                 deleted = self._delete_segments(conn, "stream_id = %s AND t_start < %s AND t_end < %s",
@@ -605,31 +643,48 @@ class SharedMemory:
             if not rows or rows[0][1] is None:
                 return 0
             with self._write() as conn:
-                sid, chunk, chunk_end, max_bytes = conn.execute(
-                    "SELECT id, chunk, chunk_end, max_bytes FROM streams WHERE id = %s FOR UPDATE",
-                    (rows[0][0],)).fetchone()
+                chunk, chunk_end, max_bytes = conn.execute("SELECT chunk, chunk_end, max_bytes FROM streams "
+                                                           "WHERE id = %s FOR UPDATE", (rows[0][0],)).fetchone()
                 sizes = self._files.chunks_on_disk(name)
                 sizes[chunk] = chunk_end  # past the committed end is garbage a writer will overwrite
-                total = sum(sizes.values())
-                if total + incoming <= max_bytes:
-                    return 0
-                if incoming > max_bytes:
-                    log.warning("a segment of %d bytes exceeds stream %s's limit of %d bytes", incoming, name, max_bytes)
-                victims = []
-                for c in sorted(sizes):
-                    if total + incoming <= max_bytes:
-                        break
-                    victims.append(c)
-                    total -= sizes[c]
-                if chunk in victims:  # the active chunk goes too: new records start a fresh one
-                    self._files.seal(name, chunk, chunk_end)
-                    conn.execute("UPDATE streams SET chunk = %s, chunk_end = 0 WHERE id = %s", (chunk + 1, sid))
-                deleted = self._delete_segments(conn, "stream_id = %s AND chunk = ANY(%s)", (sid, victims))
+                victims = chunks_to_drop(name, sizes, incoming, max_bytes)
+                deleted = self._drop_chunk_rows(conn, name, victims) if victims else 0
             for c in victims:  # rows are committed as deleted before their bytes go
                 self._files.delete_chunk(name, c)
         if deleted:
             log.info("retention removed %d segments from stream %s to stay under %d bytes", deleted, name, max_bytes)
         return deleted
+
+    def _enforce_budget(self, incoming: int) -> int:
+        """Delete the memory's oldest chunks (any stream) until it fits its disk budget with `incoming` bytes more.
+        Processes take turns (a session advisory lock), so two never drop footage for the same overrun."""
+        with self._lock:
+            budget = self._memory_retention().max_bytes
+            if budget is None:
+                return 0
+            _fetch(self._db(), "SELECT pg_advisory_lock(%s)", (BUDGET_LOCK,))
+            try:
+                return enforce_budget(self, budget, incoming)
+            finally:
+                with suppress(MemoryStoreError):  # a lost connection has released it already
+                    _fetch(self._db(), "SELECT pg_advisory_unlock(%s)", (BUDGET_LOCK,))
+
+    def _stream_names(self) -> list[str]:
+        return [r[0] for r in self._q("SELECT name FROM streams ORDER BY name")]
+
+    def _first_stored(self, stream: str, chunk: int) -> float | None:
+        """When the first segment in a chunk of `stream` was stored (None: the chunk holds none and is not being
+        written). A writer in another process may have written the active chunk's first record and not yet
+        committed it: that chunk counts as stored now."""
+        created, active = self._q("SELECT MIN(s.created), MAX(t.chunk) FROM streams t LEFT JOIN segments s "
+                                  "ON s.stream_id = t.id AND s.chunk = %s WHERE t.name = %s", (chunk, stream))[0]
+        if created is None and active is not None and chunk >= active:
+            return time.time()
+        return created
+
+    def _compact(self) -> None:
+        """Nothing to fold: PostgreSQL gives the space of deleted rows to new rows (autovacuum), not back to the file
+        system, so its share of the budget stays near its high-water mark."""
 
     def _free_chunks(self, name: str) -> None:
         """Delete chunk files no live segment points into (all but the active chunk)."""
@@ -784,10 +839,11 @@ MIGRATE_BATCH = 64  # segments per transaction when copying
 def migrate(source: str | Path, url: str, *, on_progress=None) -> dict:
     """Copy the embedded memory at `source` into the shared memory at `url`, then verify the copy.
 
-    Streams, segments (tokens, keyframes, retrieval and caption embeddings, captions), retention settings,
-    rules and events are copied; segment ids are the target's own. The copy is verified segment by segment
-    (times, token bytes, keyframes) and the target's index is checked against its rows. Streams already present
-    in the target are refused, so a memory is never merged into itself twice.
+    Streams, segments (tokens, keyframes, retrieval and caption embeddings, captions), retention settings (each
+    stream's, and the memory's default age and disk budget), rules and events are copied; segment ids are the
+    target's own. The copy is verified segment by segment (times, token bytes, keyframes) and the target's index is
+    checked against its rows. Streams already present in the target are refused, so a memory is never merged into
+    itself twice.
     """
     import sqlite3
 
@@ -821,6 +877,9 @@ def migrate(source: str | Path, url: str, *, on_progress=None) -> dict:
         for event in events:
             dst.add_event(event)
         report = _verify_copy(src, dst, pairs)
+        wide = src.retention()
+        if wide != Retention():  # the memory's own default age and budget, once the copy is whole and verified
+            dst.set_retention(None, wide)
         report.update(source=str(src.path), target=dst.path, streams=len(names), rules=len(src.rules()),
                       events=len(events))
         return report

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,8 @@ from vidmem.errors import ConfigError, EncoderMismatchError, MemoryStoreError, U
 from vidmem.memory import tokens as tok
 from vidmem.memory.index import IndexOptions, IndexSet
 from vidmem.memory.postgres import is_memory_url
+from vidmem.memory.retention import (RETENTION_KEY, age_cutoff, chunks_to_drop, enforce_budget, memory_retention,
+                                     retention_json, stream_chunk_limit, token_dir_bytes)
 from vidmem.memory.schema import SCHEMA_VERSION, connect
 from vidmem.memory.types import Manifest, Retention, SegmentRow, StreamInfo, check_stream_name
 
@@ -36,15 +39,10 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "memory.sqlite"
 CHUNK_BYTES = 64 << 20  # token chunk file size before rotation, when no byte limit asks for smaller
-MIN_CHUNK_BYTES = 256 << 10  # smallest chunk a byte limit may ask for
-CHUNKS_PER_LIMIT = 8  # a byte limit is split in this many chunks: the stream stays within 1/8 of its limit
-UNIX_EPOCH_2001 = 1e9  # seconds; end times past this are unix times, so ages count from the wall clock
 CHANGES_KEPT = 5_000_000  # change-log rows kept at most; an index lagging further behind rebuilds from SQLite
 CHANGES_MIN_KEPT = 10_000  # ... and at least (an index this far behind catches up instead of rebuilding)
 GAPS_KEPT = 10_000  # recorded gaps kept per stream (the newest)
 INDEX_UPKEEP_SECONDS = 60.0  # a writer brings its index up to date and saves it this often (readers load it)
-BUDGET_HEADROOM = 0.03  # share of a disk budget kept free for the bookkeeping that grows between writes
-RETENTION_KEY = "retention"  # meta key of the memory-wide retention (default age, disk budget)
 
 _SEGMENT_COLUMNS = "s.id, t.name, s.start, s.end, s.frames, s.cut, s.tokens, s.slow, s.caption, s.views"
 
@@ -69,6 +67,9 @@ def _check_views(views: str | None, count: int) -> str | None:
 
 class Memory:
     """A durable temporal memory; one writer and any number of readers, in threads or processes."""
+
+    _PARAM = "?"  # SQL parameter marker (the shared memory borrows methods written with it)
+    _LOCK_ROW = ""  # SQLite's write transaction locks the whole database
 
     def __init__(self, path: Path, conn: sqlite3.Connection, *, readonly: bool, device: str,
                  token_dtype: str, index_options: IndexOptions, chunk_bytes: int) -> None:
@@ -369,13 +370,9 @@ class Memory:
         if row is None:
             cur = conn.execute("INSERT INTO streams (name, created) VALUES (?, ?)", (name, now))
             row = (cur.lastrowid, 0, 0, None)
-        limit = row[3]
-        budget = self._memory_retention(conn).max_bytes
-        if budget is not None:  # the memory's budget is shared by its streams: chunks small enough to share it
-            streams = conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0]
-            share = budget // max(1, streams)
-            limit = share if limit is None else min(limit, share)
-        return [row[0], row[1], row[2], _chunk_limit(limit, self.chunk_bytes)]
+        budget = self._memory_retention(conn).max_bytes  # shared by the streams: chunks small enough to share it
+        streams = conn.execute("SELECT COUNT(*) FROM streams").fetchone()[0] if budget is not None else 1
+        return [row[0], row[1], row[2], stream_chunk_limit(row[3], budget, streams, self.chunk_bytes)]
 
     def _add_vector(self, conn: sqlite3.Connection, seg_id: int, kind: str, vec: np.ndarray) -> None:
         cur = conn.execute("INSERT INTO vectors (segment_id, kind, vec) VALUES (?, ?, ?)",
@@ -582,7 +579,7 @@ class Memory:
                 gaps = {}
             wide = self._memory_retention(self._conn)
         streams = [{"name": i.name, "segments": i.segments, "bytes": i.bytes, "start": i.start, "end": i.end,
-                    "seconds": i.seconds_covered, "retention": _retention_json(limits.get(i.name, Retention())),
+                    "seconds": i.seconds_covered, "retention": retention_json(limits.get(i.name, Retention())),
                     "source": sources.get(i.name), "gaps": gaps.get(i.name, 0)} for i in infos]
         return {
             "path": str(self.path),
@@ -592,7 +589,7 @@ class Memory:
             "bytes": sum(i.bytes for i in infos),
             "disk_bytes": self.disk_usage(),
             "seconds_covered": sum(i.seconds_covered for i in infos),
-            "retention": _retention_json(wide),
+            "retention": retention_json(wide),
         }
 
     def disk_usage(self) -> int:
@@ -604,10 +601,7 @@ class Memory:
             except OSError:
                 continue
             total += sum(_size_of(e) for e in entries)
-        root = self.path / "tokens"
-        if root.is_dir():
-            total += sum(sum(self._files.chunks_on_disk(e.name).values()) for e in os.scandir(root) if e.is_dir())
-        return total
+        return total + token_dir_bytes(self._files)
 
     def disk_bytes(self, stream: str | None = None) -> int:
         """Bytes of token files on disk (all streams, or one)."""
@@ -699,7 +693,7 @@ class Memory:
         if stream is None:
             with self._write() as conn:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                             (RETENTION_KEY, json.dumps(_retention_json(retention))))
+                             (RETENTION_KEY, json.dumps(retention_json(retention))))
             return
         name = check_stream_name(stream)
         with self._write() as conn:
@@ -721,10 +715,7 @@ class Memory:
     @staticmethod
     def _memory_retention(conn: sqlite3.Connection) -> Retention:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (RETENTION_KEY,)).fetchone()
-        if row is None:
-            return Retention()
-        body = json.loads(row[0])
-        return Retention(max_age_seconds=body.get("max_age_seconds"), max_bytes=body.get("max_bytes"))
+        return memory_retention(row[0] if row else None)
 
     def apply_retention(self, stream: str | None = None) -> int:
         """Enforce retention: each stream's age and byte limits (one stream's, or all), then the memory's disk
@@ -764,10 +755,7 @@ class Memory:
                 "(SELECT MAX(start) FROM segments WHERE stream_id = ?) - ?", (sid, sid, span)).fetchone()[0]
             if newest is None:
                 return 0
-            # Live streams carry unix times: age counts from now. Recordings carry seconds from the file start:
-            # age counts from the newest segment, i.e. keep the last max_age seconds of footage.
-            now = max(newest, time.time()) if newest > UNIX_EPOCH_2001 else newest
-            cutoff = now - max_age
+            cutoff = age_cutoff(newest, max_age)
             with self._write() as conn:
                 deleted = self._delete_segments(conn, "stream_id = ? AND start < ? AND end < ?", (sid, cutoff, cutoff))
         if deleted:
@@ -786,17 +774,9 @@ class Memory:
                     "SELECT id, chunk, chunk_end, max_bytes FROM streams WHERE id = ?", (row[0],)).fetchone()
                 sizes = self._files.chunks_on_disk(name)
                 sizes[chunk] = chunk_end  # past the committed end is garbage a writer will overwrite
-                total = sum(sizes.values())
-                if total + incoming <= max_bytes:
+                victims = chunks_to_drop(name, sizes, incoming, max_bytes)
+                if not victims:
                     return 0
-                if incoming > max_bytes:
-                    log.warning("a segment of %d bytes exceeds stream %s's limit of %d bytes", incoming, name, max_bytes)
-                victims = []
-                for c in sorted(sizes):
-                    if total + incoming <= max_bytes:
-                        break
-                    victims.append(c)
-                    total -= sizes[c]
             deleted = self._drop_chunks(name, victims)
         if deleted:
             log.info("retention removed %d segments from stream %s to stay under %d bytes", deleted, name, max_bytes)
@@ -804,57 +784,41 @@ class Memory:
 
     def _drop_chunks(self, name: str, victims: list[int]) -> int:
         """Delete whole chunks of a stream (rows first, committed, then their files); returns segments deleted."""
-        with self._write() as conn:
-            row = conn.execute("SELECT id, chunk, chunk_end FROM streams WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                return 0
-            sid, chunk, chunk_end = row
-            if chunk in victims:  # the active chunk goes too: new records start a fresh one
-                self._files.seal(name, chunk, chunk_end)
-                conn.execute("UPDATE streams SET chunk = ?, chunk_end = 0 WHERE id = ?", (chunk + 1, sid))
-            marks = ",".join("?" * len(victims))
-            deleted = self._delete_segments(conn, f"stream_id = ? AND chunk IN ({marks})", (sid, *victims))
-        for c in victims:  # rows are committed as deleted before their bytes go
-            self._files.delete_chunk(name, c)
+        with self._lock:
+            with self._write() as conn:
+                deleted = self._drop_chunk_rows(conn, name, victims)
+            for c in victims:  # rows are committed as deleted before their bytes go
+                self._files.delete_chunk(name, c)
         return deleted
+
+    def _drop_chunk_rows(self, conn: Any, name: str, victims: list[int]) -> int:
+        """Inside a write transaction: delete the segments in a stream's chunks `victims`, its row locked where the
+        database locks rows (the shared memory runs this too); the caller deletes the files once this commits."""
+        p = self._PARAM
+        row = conn.execute(f"SELECT id, chunk, chunk_end FROM streams WHERE name = {p}{self._LOCK_ROW}",
+                           (name,)).fetchone()
+        if row is None:
+            return 0
+        sid, chunk, chunk_end = row
+        if chunk in victims:  # the active chunk goes too: new records start a fresh one
+            self._files.seal(name, chunk, chunk_end)
+            conn.execute(f"UPDATE streams SET chunk = {p}, chunk_end = 0 WHERE id = {p}", (chunk + 1, sid))
+        marks = ",".join([p] * len(victims))
+        return self._delete_segments(conn, f"stream_id = {p} AND chunk IN ({marks})", (sid, *victims))
 
     def _enforce_budget(self, incoming: int) -> int:
         """Delete the memory's oldest chunks (any stream) until it fits its disk budget with `incoming` bytes more."""
         with self._lock:
-            budget = self._memory_retention(self._conn).max_bytes
-            if budget is None:
-                return 0
-            deleted = 0
-            # Footage makes room down to a little under the budget: the database's log and the index cache
-            # grow a little between two writes, and the budget holds for them too.
-            target = int(budget * (1.0 - BUDGET_HEADROOM))
-            if self.disk_usage() + incoming > target:
-                self._compact()  # fold the database's log back first: footage goes only for what is left
-            while self.disk_usage() + incoming > target:
-                oldest: tuple[float, str, int] | None = None
-                for info in self.streams():
-                    chunks = self._files.chunks_on_disk(info.name)
-                    if not chunks:
-                        continue
-                    first = min(chunks)
-                    # Stored first goes first: live streams are stored in time order, and recordings have no
-                    # common clock to compare their starts on.
-                    created = self._conn.execute(
-                        "SELECT MIN(s.created) FROM segments s JOIN streams t ON t.id = s.stream_id "
-                        "WHERE t.name = ? AND s.chunk = ?", (info.name, first)).fetchone()[0]
-                    key = (float("-inf") if created is None else created, info.name, first)  # orphans go first
-                    if oldest is None or key < oldest:
-                        oldest = key
-                if oldest is None:
-                    log.warning("the memory at %s takes %d bytes without any footage, over its budget of %d bytes",
-                                self.path, self.disk_usage(), budget)
-                    break
-                _, name, chunk = oldest
-                deleted += self._drop_chunks(name, [chunk])
-                self._compact()
-            if deleted:
-                log.info("retention removed %d segments to keep the memory under %d bytes", deleted, budget)
-            return deleted
+            return enforce_budget(self, self._memory_retention(self._conn).max_bytes, incoming)
+
+    def _stream_names(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._conn.execute("SELECT name FROM streams ORDER BY name")]
+
+    def _first_stored(self, stream: str, chunk: int) -> float | None:
+        """When the first segment in a chunk of `stream` was stored (None: the chunk holds none)."""
+        return self._conn.execute("SELECT MIN(s.created) FROM segments s JOIN streams t ON t.id = s.stream_id "
+                                  "WHERE t.name = ? AND s.chunk = ?", (stream, chunk)).fetchone()[0]
 
     def _compact(self) -> None:
         """Give freed database pages back to the file system and fold the WAL into the database."""
@@ -1043,16 +1007,6 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         conn.execute("ROLLBACK")
-
-
-def _retention_json(retention: Retention) -> dict:
-    return {"max_age_seconds": retention.max_age_seconds, "max_bytes": retention.max_bytes}
-
-
-def _chunk_limit(max_bytes: int | None, chunk_bytes: int) -> int:
-    if max_bytes is None:
-        return chunk_bytes
-    return int(min(chunk_bytes, max(MIN_CHUNK_BYTES, max_bytes // CHUNKS_PER_LIMIT)))
 
 
 def _faiss_gpus() -> int:

@@ -58,7 +58,7 @@ def served(tiny_models, talking_llava, tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "vidmem", "serve", "--port", str(port), "--token", TOKEN,
                "--memory", str(tmp_path / "memory"), "--model", str(talking_llava),
-               "--embedder", str(tiny_models.clip), "--device", "cpu"]
+               "--embedder", str(tiny_models.clip), "--device", "cpu", "--encode-batch", "8"]
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
@@ -110,6 +110,7 @@ def test_the_page_streams_the_camera_and_shows_the_answer_to_a_typed_question(se
                 while True:
                     streams = {s["name"]: s for s in health(port)["streams"]}
                     if streams.get("browser", {}).get("segments", 0) >= 1:
+                        encoding = health(port)["encoding"]
                         break
                     assert time.monotonic() < deadline, f"no segment from the page's frames: {streams}"
                     await asyncio.sleep(0.5)
@@ -121,12 +122,14 @@ def test_the_page_streams_the_camera_and_shows_the_answer_to_a_typed_question(se
                 cited = await page.locator("#cited li").all_inner_texts()
                 counters = await page.inner_text("#counters")
                 await page.screenshot(path=str(screenshot), full_page=True)
-                return streams["browser"], answer, classes, cited, counters, problems
+                return streams["browser"], answer, classes, cited, counters, problems, encoding
             finally:
                 await browser.close()
 
-    stream, answer, classes, cited, counters, problems = asyncio.run(scenario())
+    stream, answer, classes, cited, counters, problems, encoding = asyncio.run(scenario())
     assert not problems, problems
+    # the page's frames went through the shared encoder, at the batch size given on the command line
+    assert encoding["max_frames"] == 8 and encoding["frames"] >= 2, encoding
     assert stream["received"] >= 2 and stream["clients"] == 1
     assert "error" not in classes and answer.strip() and answer != "thinking…", answer
     assert cited, "the page shows no cited times"

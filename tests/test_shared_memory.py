@@ -158,6 +158,95 @@ def test_retention_deletes_rows_index_entries_and_files(memory_url: str) -> None
         assert memory.delete_stream("hall") > 0 and not memory.has_stream("hall")
 
 
+def measured_usage(url: str) -> tuple[int, int]:
+    """(token files, PostgreSQL tables) of a shared memory, measured apart from vidmem: every .tok file under its
+    token directory, and pg_total_relation_size of every table in its database."""
+    import psycopg
+
+    files = sum(f.stat().st_size for f in Path(url.split("tokens=")[1]).rglob("*.tok"))
+    with psycopg.connect(url.split("?")[0]) as conn:
+        tables = conn.execute("SELECT SUM(pg_total_relation_size(c.oid))::bigint FROM pg_class c JOIN pg_namespace n "
+                              "ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'").fetchone()[0]
+    return files, tables
+
+
+def test_a_memory_wide_disk_budget_holds_across_writers_oldest_footage_first(memory_url: str) -> None:
+    rng = np.random.default_rng(11)
+    with Memory.open(memory_url, chunk_bytes=64 << 10) as memory:  # two segments a chunk
+        memory.bind(MANIFEST)
+        files, tables = measured_usage(memory_url)
+        assert files == 0 and abs(memory.disk_usage() - tables) <= 4 * 8192  # PostgreSQL's tables count
+        budget = tables + 400_000  # about a dozen segments of footage, two streams
+        memory.set_retention(None, Retention(max_bytes=budget))
+        assert memory.retention() == Retention(max_bytes=budget)
+        with Memory.open(memory_url, chunk_bytes=64 << 10) as other:  # a second writer on the same memory
+            for i in range(20):
+                for writer, stream in ((memory, "cam"), (other, "porch")):
+                    writer.add_segment(stream=stream, start=4.0 * i, end=4.0 * i + 4, frames=4, cut=False,
+                                       tokens=rng.standard_normal((245, D)).astype(np.float16), slow=196,
+                                       embedding=unit(rng), keyframe_jpeg=b"\xff\xd8%d" % i)
+                    assert sum(measured_usage(memory_url)) <= budget, f"over budget after {stream} {i}"
+        kept = {stream: [r.start for r in memory.segments(stream=stream)] for stream in ("cam", "porch")}
+        for stream, starts in kept.items():  # each stream keeps its newest footage, without holes
+            assert 0 < len(starts) < 20 and starts == [4.0 * i for i in range(20 - len(starts), 20)], (stream, starts)
+        # Oldest first across streams: the two (written in step) kept the same footage, give or take one chunk.
+        assert abs(kept["cam"][0] - kept["porch"][0]) <= 8.0, kept
+        assert memory.stats()["retention"] == {"max_age_seconds": None, "max_bytes": budget}
+        files, tables = measured_usage(memory_url)
+        assert files > 0 and abs(memory.disk_usage() - files - tables) <= 4 * 8192
+        check = memory.verify()
+        assert check["bad"] == [] and check["missing_from_index"] == [] and check["extra_in_index"] == []
+
+
+def test_a_memory_wide_default_age_ages_out_streams_without_their_own(memory_url: str) -> None:
+    rng = np.random.default_rng(12)
+    with Memory.open(memory_url) as memory:
+        memory.bind(MANIFEST)
+        memory.set_retention(None, Retention(max_age_seconds=20))
+        memory.set_retention("cam", Retention(max_age_seconds=1000))  # its own limit wins
+        for i in range(15):
+            for stream in ("hall", "cam"):
+                memory.add_segment(stream=stream, start=4.0 * i, end=4.0 * i + 4, frames=4, cut=False,
+                                   tokens=rng.standard_normal((245, D)).astype(np.float16), slow=196,
+                                   embedding=unit(rng))
+        # A recording keeps its last 20 s: segments ending before 60 - 20 went after each write.
+        assert [r.start for r in memory.segments(stream="hall")] == [36.0, 40.0, 44.0, 48.0, 52.0, 56.0]
+        assert len(memory.segments(stream="cam")) == 15
+    with Memory.open(memory_url, readonly=True) as reader:  # stored in PostgreSQL, seen by every process
+        assert reader.retention() == Retention(max_age_seconds=20)
+        assert reader.retention("hall") == Retention()
+
+
+def test_vidmem_retention_and_stats_on_a_shared_memory(memory_url: str, capfd) -> None:
+    from test_cli import vidmem_in_process
+
+    with Memory.open(memory_url) as memory:
+        fill(memory, 13, n=6)
+    result = vidmem_in_process(capfd, "retention", "--max-age", "7d", "--max-bytes", "20GB", "--json",
+                               memory=memory_url)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) | {"disk_bytes": 0} == {"stream": None, "max_age_seconds": 7 * 86400.0,
+                                                              "max_bytes": 20 * 10**9, "deleted_segments": 0,
+                                                              "disk_bytes": 0}
+    result = vidmem_in_process(capfd, "stats", memory=memory_url)
+    assert result.returncode == 0, result.stderr
+    assert "retention: max age 604800 s, disk budget 20.0 GB" in result.stdout.splitlines()[0]
+    # A budget under what the memory takes deletes its oldest footage at once.
+    result = vidmem_in_process(capfd, "stats", "--json", memory=memory_url)
+    stats = json.loads(result.stdout)
+    assert stats["retention"] == {"max_age_seconds": 7 * 86400.0, "max_bytes": 20 * 10**9}
+    files, tables = measured_usage(memory_url)
+    assert files > 0 and abs(stats["disk_bytes"] - files - tables) <= 4 * 8192
+    budget = tables + files // 2
+    result = vidmem_in_process(capfd, "retention", "--max-bytes", str(budget), "--json", memory=memory_url)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["max_age_seconds"] == 7 * 86400.0 and report["deleted_segments"] > 0
+    assert report["disk_bytes"] <= budget and sum(measured_usage(memory_url)) <= budget
+    stats = json.loads(vidmem_in_process(capfd, "stats", "--json", memory=memory_url).stdout)
+    assert stats["segments"] == 12 - report["deleted_segments"] and stats["retention"]["max_bytes"] == budget
+
+
 WRITER = textwrap.dedent("""
     import sys, numpy as np
     from vidmem.memory import Manifest, Memory
@@ -238,6 +327,7 @@ def test_migrate_copies_an_embedded_memory_and_verifies_it(memory_url: str, tmp_
         stored = fill(embedded, 4, n=10)
         embedded.set_caption(embedded.segments(stream="porch")[1].id, "a cat", unit(np.random.default_rng(5), 8))
         embedded.set_retention("porch", Retention(max_age_seconds=3600))
+        embedded.set_retention(None, Retention(max_age_seconds=30 * 86400, max_bytes=10**12))
         embedded.put_rule("porch", {"id": "cat", "question": "is there a cat?"})
         embedded.add_event({"id": "e1", "stream": "porch", "start_time": 4.0})
     with Memory.open(tmp_path / "int8", token_dtype="int8") as other:
@@ -252,6 +342,7 @@ def test_migrate_copies_an_embedded_memory_and_verifies_it(memory_url: str, tmp_
             assert (row.stream, row.start) == (stream, start)
             np.testing.assert_array_equal(shared.read_tokens(row), tokens)
         assert shared.retention("porch") == Retention(max_age_seconds=3600)
+        assert shared.retention() == Retention(max_age_seconds=30 * 86400, max_bytes=10**12)
         assert [r["id"] for r in shared.rules()] == ["cat"] and shared.events()[0]["id"] == "e1"
         assert shared.search(unit(np.random.default_rng(5), 8), k=1, kinds=["caption"])[0][0].caption == "a cat"
     result = _vidmem("migrate", str(tmp_path / "int8"), memory_url, "--json")
