@@ -56,7 +56,8 @@ class Settings:
         if not 0.0 < self.prune <= 1.0:
             raise ConfigError(f"prune must be a share of tokens in (0, 1], not {self.prune}")
         if self.encode_batch_frames < 0 or self.encode_gather_ms < 0:
-            raise ConfigError("encode_batch_frames (0: off) and encode_gather_ms must not be negative")
+            raise ConfigError("encode_batch_frames (--encode-batch; 0: off) and encode_gather_ms (--encode-gather-ms) "
+                              "must not be negative")
         if self.token_dtype not in ("float16", "int8"):
             raise ConfigError(f"token dtype must be float16 or int8, not {self.token_dtype!r}")
 

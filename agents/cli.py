@@ -179,21 +179,11 @@ def _kv_cache(parser: argparse.ArgumentParser) -> None:
                         help="kept KV caches (live windows, conversations) held at most, in MB; least recent go first")
 
 
-def _non_negative(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names it in "invalid float value: 'abc'"
-    return parse
-
-
 def _encode_batch(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encode-batch", type=_non_negative(int), default=32, metavar="FRAMES",
+    parser.add_argument("--encode-batch", type=int, default=32, metavar="FRAMES",
                         help="frames one vision-tower call may carry across the live streams (default 32; 0: each "
                              "stream encodes alone)")
-    parser.add_argument("--encode-gather-ms", type=_non_negative(float), default=5.0, metavar="MS",
+    parser.add_argument("--encode-gather-ms", type=float, default=5.0, metavar="MS",
                         help="how long the shared encoder waits for other streams' frames before a call, while "
                              "more than one stream is open (default 5)")
 

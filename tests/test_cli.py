@@ -129,6 +129,8 @@ def test_bad_inputs_get_one_clear_line_and_leave_no_memory(tmp_path, tiny_models
     assert "garage" in unknown and "testvideo" in unknown
     small = one_line_error(vidmem("ask", "what?", "--budget", "50", memory=populated, models=tiny_models))
     assert "budget" in small
+    batch = one_line_error(vidmem("serve", "--encode-batch", "-1", memory=memory, models=tiny_models))
+    assert "--encode-batch" in batch and not memory.exists()
 
 
 def test_missing_model_offline_says_how_to_point_at_a_local_checkpoint(tmp_path, videos):
