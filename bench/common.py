@@ -233,6 +233,15 @@ def emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
+def rss_mb() -> float:
+    """This process's resident memory in MB (VmRSS; bench/memory.py keeps its own copy so as not to import torch)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def home_camera_scene(n: int, *, fps: float, width: int = 320, height: int = 180, seed: int = 0,
                       visits: tuple[tuple[float, float], ...] = ((20.0, 28.0),), noise: float = 2.0):
     """n frames of a mostly static home camera: a still picture with sensor noise, and during each (start, end)

@@ -44,19 +44,13 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QWEN2_05B, SIGLIP_SO400M, emit, logger, machine_info  # noqa: E402
+from common import QWEN2_05B, SIGLIP_SO400M, emit, logger, machine_info, rss_mb  # noqa: E402
 
 log = logger("cpu_runtimes")
 Run = Callable[[], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-
-
-def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 class PeakRss:

@@ -34,19 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import rss_mb  # noqa: E402
+
 MONTH = 30 * 86400.0
 
 
 def log(msg: str) -> None:
     print(f"[bench/soak] {msg}", file=sys.stderr, flush=True)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Camera:
