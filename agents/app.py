@@ -390,11 +390,12 @@ class Vidmem:
         settings = self.settings
         return self._once("_caption_embedder", lambda: load_caption_embedder(settings.caption_embedder, device=settings.device))
 
-    def caption(self, row) -> str:
-        """Describe one stored segment with the VLM and index the caption's text embedding (blocking)."""
+    def caption(self, row, *, memory=None) -> str:
+        """Describe one stored segment with the VLM and index the caption's text embedding (blocking). `memory`:
+        where to store it, when this app reads its memory read-only (an answer replica on a Ray cluster)."""
         pick = Pick(row, Level.FULL, 0.0, "caption")
         text = self.answerer.answer(self.CAPTION_PROMPT, [pick], self.memory.read_tokens, keep=False).text
-        self.memory.set_caption(row.id, text, self.caption_embedder.embed_texts([text])[0])
+        (memory or self.memory).set_caption(row.id, text, self.caption_embedder.embed_texts([text])[0])
         return text
 
     def _has_captions(self) -> bool:

@@ -305,11 +305,22 @@ def _ask_on_ray(args: argparse.Namespace, address: str) -> int:
     settings = _settings(args)
     cluster.check_settings(settings)
     cluster.connect(address)
+    streaming = not args.json and sys.stdout.isatty()  # as `ask` on one machine: tokens as the replica makes them
+
+    def on_token(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
     answer = cluster.Answerers(settings).ask(
         args.question, conversation=args.conversation, streams=args.stream, budget=args.budget,
-        since=parse_time(args.since), until=parse_time(args.until), follow_up=bool(args.conversation))
-    cited = "; ".join(f"{s['stream']} {s['start']:.1f}-{s['end']:.1f}s" for s in answer.get("segments", [])[:12])
-    _emit(args, answer, f"{answer.get('answer', '')}\n(from {len(answer.get('segments', []))} segments: {cited})")
+        since=parse_time(args.since), until=parse_time(args.until), follow_up=bool(args.conversation),
+        on_token=on_token if streaming else None)
+    if streaming:
+        sys.stdout.write("\n")
+    cited = "; ".join(f"{s['stream']} {s['start']:.1f}-{s['end']:.1f}s" for s in answer["segments"][:12])
+    text = "" if streaming else answer["answer"] + "\n"
+    text += f"(from {len(answer['segments'])} segments, {answer['visual_tokens']} visual tokens: {cited})"
+    _emit(args, answer, text)
     return 0
 
 

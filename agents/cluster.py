@@ -12,22 +12,36 @@
   when each camera yields a segment every few seconds. They are named, detached actors: every `ingest` and
   `monitor` on the cluster with the same models shares them.
 - **Answering.** `AnswerService` replicas hold the language model. A conversation always goes to the same replica
-  (a stable hash of its id), the one whose kept KV cache lets a follow-up prefill only the new question.
+  (a stable hash of its id), the one whose kept KV cache lets a follow-up prefill only the new question. Answers
+  stream: a replica's `stream` is a Ray streaming generator yielding the text as the model produces it, then the
+  `Answer`, so the websocket page and `vidmem ask --ray` show tokens as they come. A replica is a threaded actor
+  whose model work all goes through one scheduler (agents/scheduler.py): questions, then live refreshes, then
+  captions, one at a time.
+- **Captions.** With `--captions`, each source commits its segment and hands its id to an answer replica without
+  waiting (`caption.remote`); the replica queues it behind questions, describes the segment with the VLM and
+  stores the caption and its embedding in the shared memory, where questions fuse caption search as on one
+  machine. `ingest` returns once its segments are described. A caption still queued on a replica that dies is
+  lost: the segment stays, without a caption.
 - **Memory.** Every node reaches the same shared memory (PostgreSQL + Milvus + token files on shared storage,
   memory/shared.py): `--ray` requires a postgresql:// `--memory`.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import logging
 import os
+import queue
+import threading
 import time
 import warnings
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
+from vidmem.agents.scheduler import Priority
 from vidmem.errors import ConfigError, VidmemError
 
 log = logging.getLogger(__name__)
@@ -85,8 +99,6 @@ def connect(address: str) -> None:
 def check_settings(settings) -> None:
     from vidmem.memory.postgres import is_memory_url
 
-    if settings.captions:
-        raise ConfigError("--captions is not available with --ray yet: caption on one machine, or without captions")
     if not is_memory_url(settings.memory):
         raise ConfigError("--ray needs a shared memory every node reaches: give --memory postgresql://USER@HOST:PORT/DB"
                           "?index=milvus://HOST:PORT&tokens=DIR (docs/deploy.md), not a directory on this machine")
@@ -96,6 +108,8 @@ def _models_key(settings, *, memory: bool = False) -> str:
     """Actors with the same models (and memory, for answerers) are shared: their names carry a digest of them."""
     fields = (settings.model, settings.embedder, settings.device, settings.compressor, str(settings.compressor_weights),
               str(settings.memory) if memory else "", settings.max_new_tokens, settings.prune)
+    if memory:  # answerers also embed questions for caption search, and caption segments
+        fields += (str(settings.caption_embedder),)
     return hashlib.sha256("\0".join(map(str, fields)).encode()).hexdigest()[:10]
 
 
@@ -188,6 +202,11 @@ class _RemoteSink:
         self.encoder = encoder
         self.resume_after = resume_after
         self.skipped = 0
+        # --captions: an answer replica captions each committed segment (the language model lives there)
+        self.captioner = None
+        if app.settings.captions:
+            replicas = captioners(app.settings)
+            self.captioner = replicas[zlib.crc32(stream.encode()) % len(replicas)]
 
     def _done(self, segment) -> bool:
         return self.resume_after is not None and segment.start < self.resume_after
@@ -206,6 +225,10 @@ class _RemoteSink:
             stream=self.stream, start=segment.start, end=segment.end, frames=len(segment), cut=segment.cut,
             tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg,
             views=encoded.views)
+        if self.captioner is not None:
+            # Fire and forget: the replica queues it behind questions, so ingest never waits for the language
+            # model. A caption queued on a replica that dies is lost; its segment stays, without a caption.
+            self.captioner.caption.remote(self.last_row.id)
         if self.on_segment is not None:
             self.on_segment(self.last_row, segment)
         return self.last_row.tokens
@@ -291,6 +314,8 @@ def start_sources(settings, sources: dict[str, str], *, ingest_options=None, opt
     """A SourceWorker actor per source, spread over the nodes; returns {stream: actor handle}."""
     ray = _ray()
     check_settings(settings)
+    if settings.captions:  # the replicas that caption, with these options, before the first segment
+        Answerers(settings, options).prepare_captions()
     encoders = encoders or encoder_pool(settings, options)
     remote = ray.remote(SourceWorker).options
     # Round-robin over the encoders: each gets an even share of the streams (a hash of the names need not).
@@ -313,42 +338,166 @@ def ingest(settings, sources: dict[str, str], *, address: str, ingest_options=No
         if cause is not None:
             raise cause from None
         raise VidmemError(f"ingest failed on the cluster: {str(exc).strip().splitlines()[-1]}") from None
+    if settings.captions:  # as on one machine: the segments are described once ingest returns
+        ray.get([replica.captions_done.remote() for replica in captioners(settings)])
     return dict(zip(actors, reports))
 
 
 # -- answering ----------------------------------------------------------------------------------------------
 class AnswerService:
-    """One answer replica: the VLM, the read-only shared memory and the kept KV cache of its conversations."""
+    """One answer replica: the VLM, the read-only shared memory and the kept KV cache of its conversations.
+
+    A threaded actor, so that a question streams its answer while other calls arrive (more questions, live
+    refreshes, captions). The model still does one thing at a time: every piece of model work goes through the
+    replica's scheduler (agents/scheduler.py), questions first, then live refreshes, then captions.
+    """
+
+    CONCURRENCY = 16  # actor threads: questions streaming or waiting their turn, refreshes, caption flushes
 
     def __init__(self, settings) -> None:
         from vidmem.agents.app import Vidmem
 
-        self.app = Vidmem(settings, readonly=True)
+        self.app = Vidmem(settings, readonly=True)  # captions are written through their own handle (`_writer`)
         self.app.load_models()
         self.app.answerer  # noqa: B018 - load the language model before the first question
+        self.node = _node_id()
         self.conversation: str | None = None  # whose evidence the kept KV cache holds
+        self._writer = None  # a writable handle on the shared memory, opened by the first caption
+        # Segments to caption, in commit order, unbounded (ids only): one caption job at a time reaches the
+        # scheduler, so a question waits for at most the caption being written, never for the backlog.
+        self._captions: queue.SimpleQueue = queue.SimpleQueue()
+        self._captioner: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.captioned = self.caption_failures = 0
 
     def ready(self) -> str:
         """Returns once the models are loaded (the node's id)."""
-        return _node_id()
+        return self.node
 
+    # ---- questions ------------------------------------------------------------------------------------
     def answer(self, question: str, conversation: str | None, kwargs: dict):
-        """The `Answer` (agents/answer.py) to a question, as `Vidmem.ask` gives it."""
-        # A follow-up reuses the kept cache only when it holds this conversation's evidence.
-        follow_up = bool(kwargs.pop("follow_up", False)) and conversation is not None \
-            and conversation == self.conversation
-        answer = self.app.ask(question, follow_up=follow_up, **kwargs)
-        self.conversation = conversation
-        answer.follow_up = follow_up
+        """The `Answer` (agents/answer.py) to a question, as `Vidmem.ask` gives it, in one piece."""
+        return self.app.scheduler.run(
+            Priority.INTERACTIVE, functools.partial(self._answer, question, conversation, kwargs, None))
+
+    def stream(self, question: str, conversation: str | None, kwargs: dict):
+        """A streaming generator (the caller gets an ObjectRefGenerator): the answer's text in pieces as the model
+        produces them, then the `Answer`. A replica error is raised in place of the next piece."""
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        cancelled = threading.Event()
+
+        def on_token(text: str) -> None:  # on the model thread
+            if cancelled.is_set():  # the caller went away (ray.cancel): free the model for the next job
+                raise VidmemError("the question was cancelled")
+            pieces.put(text)
+
+        done = self.app.scheduler.submit(
+            Priority.INTERACTIVE, functools.partial(self._answer, question, conversation, kwargs, on_token))
+        done.add_done_callback(lambda _: pieces.put(None))
+        context = _ray().get_runtime_context()
+        finished = False
+        try:
+            while not finished:
+                if context.is_canceled():  # ray.cancel on a threaded actor only sets this flag
+                    cancelled.set()
+                try:
+                    piece = pieces.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                text = []
+                while piece is not None:  # what else is ready goes in the same piece (the caller may be slower)
+                    text.append(piece)
+                    try:
+                        piece = pieces.get_nowait()
+                    except queue.Empty:
+                        break
+                finished = piece is None
+                if text:
+                    yield "".join(text)
+        finally:  # cancelled, or the stream broke: the model stops at its next token
+            cancelled.set()
+        yield done.result()
+
+    def _answer(self, question: str, conversation: str | None, kwargs: dict, on_token):
+        """On the model thread. `ask --conversation`: a follow-up reuses the kept cache only when it holds this
+        conversation's evidence. `by_conversation` (the front-ends' conversations): `Vidmem.ask_conversation`, whose
+        kept caches are many, by conversation id."""
+        if kwargs.pop("by_conversation", False):
+            answer = self.app.ask_conversation(conversation, question, on_token=on_token, **kwargs)
+            follow_up, self.conversation = answer.cached_tokens > 0, None  # the answerer's kept cache is not ours
+        else:
+            follow_up = bool(kwargs.pop("follow_up", False)) and conversation is not None \
+                and conversation == self.conversation
+            answer = self.app.ask(question, follow_up=follow_up, on_token=on_token, **kwargs)
+            self.conversation = conversation
+        answer.follow_up, answer.replica = follow_up, self.node
         return answer
 
     def refresh_live(self, stream: str) -> None:
         """Bring this replica's kept window of a live stream up to date (the front-end calls it per segment)."""
-        self.app.refresh_live(stream)
+        self.app.scheduler.run(Priority.REFRESH, functools.partial(self.app.refresh_live, stream),
+                               key=("refresh", stream))
 
-    def ask(self, question: str, conversation: str | None, kwargs: dict) -> dict:
-        answer = self.answer(question, conversation, kwargs)
-        return {**answer.to_json(), "replica": _node_id(), "follow_up": answer.follow_up}
+    # ---- captions -------------------------------------------------------------------------------------
+    def load_caption_embedder(self) -> None:
+        """Load the caption embedder now, so a missing one fails `ingest --captions` before any segment."""
+        self.app.caption_embedder  # noqa: B018 - loads on access
+
+    def caption(self, segment_id: int) -> None:
+        """Describe a committed segment and store its caption, after questions and refreshes; returns at once."""
+        self._captions.put(segment_id)
+        self._start_captioner()
+
+    def captions_done(self) -> dict:
+        """Wait until every caption queued before this call is stored (or has failed); the replica's counts."""
+        marker = threading.Event()
+        self._captions.put(marker)
+        self._start_captioner()
+        marker.wait()
+        return {"captioned": self.captioned, "failed": self.caption_failures, "node": self.node}
+
+    def _start_captioner(self) -> None:
+        with self._lock:
+            if self._captioner is None:
+                self._captioner = threading.Thread(target=self._caption_loop, name="vidmem-captions", daemon=True)
+                self._captioner.start()
+
+    def _caption_loop(self) -> None:
+        while True:
+            item = self._captions.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                self.app.scheduler.run(Priority.CAPTION, functools.partial(self._caption, item))
+            except Exception as exc:  # noqa: BLE001 - the segment is committed; it only stays without a caption
+                self.caption_failures += 1
+                log.warning("segment %s stays without a caption: %s", item, exc)
+            else:
+                self.captioned += 1
+
+    def _caption(self, segment_id: int) -> None:
+        """On the model thread: the caption of one segment, stored through the writable handle."""
+        from vidmem.memory import Memory
+
+        if self._writer is None:
+            settings = self.app.settings
+            self._writer = Memory.open(settings.memory, token_dtype=settings.token_dtype)
+        row = self._writer.get_segment(segment_id)
+        if row is not None:  # else deleted (retention) before its turn
+            self.app.caption(row, memory=self._writer)
+
+
+@contextlib.contextmanager
+def _replica_errors():
+    """A replica's VidmemError reaches the caller as itself; anything else as one VidmemError line."""
+    ray = _ray()
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(getattr(exc, "cause", None), VidmemError):
+            raise exc.cause from None
+        raise VidmemError(f"the answer replica failed: {str(exc).strip().splitlines()[-1]}") from None
 
 
 class Answerers:
@@ -357,10 +506,10 @@ class Answerers:
     def __init__(self, settings, options: ClusterOptions = ClusterOptions()) -> None:
         ray = _ray()
         check_settings(settings)
-        key = _models_key(settings, memory=True)
         remote = ray.remote(AnswerService).options
-        self.replicas = [remote(name=f"vidmem-answer-{key}-{i}", get_if_exists=True, lifetime="detached",
-                                max_restarts=-1, max_task_retries=-1, num_cpus=1, num_gpus=options.gpus_per_answerer)
+        self.replicas = [remote(name=_answerer_name(settings, i), get_if_exists=True, lifetime="detached",
+                                max_restarts=-1, max_task_retries=-1, num_cpus=1, num_gpus=options.gpus_per_answerer,
+                                max_concurrency=AnswerService.CONCURRENCY)
                          .remote(settings) for i in range(options.answerers)]
 
     def wait_ready(self) -> None:
@@ -370,22 +519,52 @@ class Answerers:
     def replica(self, conversation: str | None):
         return self.replicas[zlib.crc32((conversation or "").encode()) % len(self.replicas)]
 
-    def ask(self, question: str, *, conversation: str | None = None, **kwargs: Any) -> dict:
+    def ask(self, question: str, *, conversation: str | None = None, on_token=None, **kwargs: Any) -> dict:
         """Blocking; returns the answer's JSON (see agents/answer.py) plus the replica's node."""
-        return self._call("ask", question, conversation, kwargs)
+        answer = self.answer(question, conversation=conversation, on_token=on_token, **kwargs)
+        return {**answer.to_json(), "replica": answer.replica, "follow_up": answer.follow_up}
 
-    def answer(self, question: str, *, conversation: str | None = None, **kwargs: Any):
-        """Blocking; returns the `Answer` object."""
-        return self._call("answer", question, conversation, kwargs)
-
-    def _call(self, method: str, question: str, conversation: str | None, kwargs: dict):
+    def answer(self, question: str, *, conversation: str | None = None, route: str | None = None,
+               on_token: Callable[[str], None] | None = None, **kwargs: Any):
+        """Blocking; returns the `Answer` object. With `on_token`, the text arrives in pieces as the replica's model
+        produces them. `route` picks the replica (default: the conversation's)."""
         ray = _ray()
+        replica = self.replica(route if route is not None else conversation)
+        with _replica_errors():
+            if on_token is None:
+                return ray.get(replica.answer.remote(question, conversation, kwargs))
+            pieces = replica.stream.remote(question, conversation, kwargs)  # an ObjectRefGenerator
+            for ref in pieces:
+                item = ray.get(ref)
+                if not isinstance(item, str):
+                    return item
+                try:
+                    on_token(item)
+                except BaseException:  # e.g. the server is stopping: the replica stops at its next token
+                    ray.cancel(pieces)
+                    raise
+        raise VidmemError("the answer replica ended the answer without its result")
+
+    def prepare_captions(self) -> None:
+        """Load the caption embedder on every replica (one clear error now when it is missing)."""
+        with _replica_errors():
+            _ray().get([replica.load_caption_embedder.remote() for replica in self.replicas])
+
+
+def _answerer_name(settings, index: int) -> str:
+    return f"vidmem-answer-{_models_key(settings, memory=True)}-{index}"
+
+
+def captioners(settings) -> list:
+    """The answer replicas for these settings that exist on the cluster (named actors), created when none does:
+    the replicas that caption the segments a source commits."""
+    ray = _ray()
+    found = []
+    while True:
         try:
-            return ray.get(getattr(self.replica(conversation), method).remote(question, conversation, kwargs))
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(getattr(exc, "cause", None), VidmemError):
-                raise exc.cause from None
-            raise VidmemError(f"the answer replica failed: {str(exc).strip().splitlines()[-1]}") from None
+            found.append(ray.get_actor(_answerer_name(settings, len(found)), namespace=NAMESPACE))
+        except ValueError:
+            return found or Answerers(settings).replicas
 
 
 def _node_id() -> str:
@@ -445,10 +624,17 @@ def _cluster_app_class():
             _ray().get(self.answerers.replica(stream).refresh_live.remote(stream))
 
         def ask(self, question: str, *, streams=None, on_token=None, live: bool = False, **kwargs):
+            """On the replica keeping the live stream's window; `on_token` gets the text as the model makes it."""
             conversation = streams[0] if live and streams and len(streams) == 1 else None
-            answer = self.answerers.answer(question, conversation=conversation, streams=streams, live=live, **kwargs)
-            if on_token is not None:
-                on_token(answer.text)  # the whole answer at once: tokens do not stream back from a replica
-            return answer
+            return self.answerers.answer(question, conversation=conversation, on_token=on_token, streams=streams,
+                                         live=live, **kwargs)
+
+        def ask_conversation(self, conversation: str, question: str, *, streams=None, on_token=None,
+                             live: bool = False, **kwargs):
+            """A conversation's questions go to one replica (the live stream's, when there is one), which keeps the
+            conversation's KV cache as `Vidmem.ask_conversation` does on one machine."""
+            route = streams[0] if live and streams and len(streams) == 1 else conversation
+            return self.answerers.answer(question, conversation=conversation, route=route, on_token=on_token,
+                                         streams=streams, live=live, by_conversation=True, **kwargs)
 
     return ClusterVidmem

@@ -94,12 +94,15 @@ def _bpe_tokenizer(specials: list[str], *, vocab_size: int):
 TEMPLATE_FORMS = ("json", "jinja", "tokenizer", "json+tokenizer", "none")  # where a checkpoint carries its template
 
 
-def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32, template: str = "json") -> Path:
+def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32, template: str = "json",
+                     tie_word_embeddings: bool = True) -> Path:
     """Writes a tiny LLaVA-OneVision checkpoint into `directory` and returns it.
 
     template: where the chat template lives, as real checkpoints carry it: "json" (the processor's list-content
     template in chat_template.json, as the llava-hf conversion writes it), "jinja" (the same in chat_template.jinja),
     "tokenizer" (Qwen2's string template in tokenizer_config.json), "json+tokenizer" (both) or "none".
+    tie_word_embeddings: True as in Qwen2-0.5B; a tiny random model so tied repeats its last prompt token (a
+    newline: every answer is empty), while with its own output head it answers in words, token by token.
     """
     if template not in TEMPLATE_FORMS:
         raise ValueError(f"template must be one of {TEMPLATE_FORMS}")
@@ -140,7 +143,7 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=8192,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],

@@ -3,17 +3,21 @@
 Starts PostgreSQL, Milvus Lite and a two-node Ray cluster (ray.cluster_utils), ingests 4 streams as source
 actors, removes the worker node once a stream on it has committed segments, waits for every stream to finish,
 asks from separate processes (plain `vidmem ask --memory URL`, and `vidmem ask --ray` twice in one conversation),
-and prints one JSON object of what it saw. The test makes the assertions.
+streams answers from a replica token by token (in the front-ends' app and in `vidmem ask --ray` on a terminal),
+captions a stream on the cluster (`vidmem ingest --ray --captions`) and asks about it, and prints one JSON object
+of what it saw. The test makes the assertions.
 
-    python3 tests/cluster_scenario.py VIDEO LLAVA_DIR CLIP_DIR WORK_DIR
+    python3 tests/cluster_scenario.py VIDEO LLAVA_DIR CLIP_DIR MINILM_DIR WORK_DIR
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -55,8 +59,98 @@ def fingerprint(memory, row) -> int:
     return zlib.crc32(memory.read_tokens(row).tobytes())
 
 
+class OnATerminal:
+    """`vidmem ARGS` with its stdout on a pseudo-terminal (as a person runs it), stderr piped; `finish` for both."""
+
+    def __init__(self, *args: str, env: dict) -> None:
+        master, slave = pty.openpty()
+        self.process = subprocess.Popen([sys.executable, "-m", "vidmem", *args], stdout=slave, stderr=subprocess.PIPE,
+                                        text=True, env=env)
+        STARTED.append(self.process)
+        os.close(slave)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, args=(master,), daemon=True)
+        self.reader.start()
+
+    def _read(self, master: int) -> None:
+        try:
+            while chunk := os.read(master, 65536):
+                self.chunks.append(chunk)
+        except OSError:  # EIO: the process closed the terminal
+            pass
+        finally:
+            os.close(master)
+
+    def finish(self) -> dict:
+        err = self.process.communicate(timeout=300)[1]
+        self.reader.join(timeout=10)
+        return {"rc": self.process.returncode, "stdout": b"".join(self.chunks).decode().replace("\r\n", "\n"),
+                "stderr": err}
+
+
+STREAMED_QUESTION = "what do you see on the front camera?"
+
+
+def stream_from_a_replica(app, url: str, same_models: tuple[str, ...], env: dict) -> dict:
+    """Answers streamed from a replica: the front-ends' app (`serve --ray`), and `vidmem ask --ray` on a terminal."""
+    from vidmem.errors import VidmemError
+
+    common = ("--memory", url, *same_models)
+    terminal = OnATerminal("ask", STREAMED_QUESTION, "--stream", "front", *common, env=env)
+    unknown = OnATerminal("ask", "what is there?", "--stream", "nowhere", *common, env=env)
+    out: dict = {}
+    # An answer cut short by its listener (a server stopping): the error reaches the caller, the replica carries on.
+    cut: list[str] = []
+
+    def stop_after_one(text: str) -> None:
+        cut.append(text)
+        raise VidmemError("the listener went away")
+
+    try:
+        app.ask(STREAMED_QUESTION, streams=["front"], on_token=stop_after_one)
+    except VidmemError as exc:
+        out["cut_short"] = {"pieces": len(cut), "error": str(exc)}
+    try:
+        app.ask("what is there?", streams=["nowhere"], on_token=cut.append)
+    except VidmemError as exc:  # raised on the replica, inside the stream
+        out["unknown_stream"] = {"type": type(exc).__name__, "error": str(exc)}
+    pieces: list[str] = []
+    answer = app.ask(STREAMED_QUESTION, streams=["front"], on_token=pieces.append)
+    out["app"] = {"pieces": pieces, "answer": answer.text, "segments": len(answer.picks)}
+    out["terminal"] = terminal.finish()
+    out["terminal_unknown_stream"] = unknown.finish()
+    return out
+
+
+def start_captioned_ingest(video: str, url: str, same_models: tuple[str, ...], env: dict) -> subprocess.Popen:
+    """`vidmem ingest --ray --captions` of a short part of the video (its 4 most informative frames)."""
+    return start_vidmem("ingest", video, "--stream", "described", "--fps", str(FPS), "--frame-budget", "4",
+                        "--captions", "--memory", url, *same_models, env=env)
+
+
+def captions_on_the_cluster(ingest: subprocess.Popen, url: str, minilm: str, same_models: tuple[str, ...],
+                            env: dict) -> dict:
+    """Once `ingest --captions` returns: the captions in the shared memory, found by caption search, and a question
+    asked on the cluster whose selection fuses caption search with keyframe search."""
+    from vidmem.agents.models import load_caption_embedder
+    from vidmem.memory import Memory
+
+    out: dict = {"report": finish(ingest)}
+    with Memory.open(url, readonly=True) as memory:
+        rows = memory.segments(stream="described")
+        out["captions"] = [row.caption for row in rows]
+        embedder = load_caption_embedder(minilm, device="cpu")
+        out["caption_search"] = [  # the best caption match of each caption's text is it (or one worded alike)
+            [hit.caption for hit, _ in memory.search(embedder.embed_texts([row.caption])[0], k=1,
+                                                     streams=["described"], kinds=["caption"])] == [row.caption]
+            for row in rows]
+    # Asked with the caption embedder the ingest used: the answer replica that wrote the captions answers it.
+    out["ask"] = vidmem("ask", rows[-1].caption, "--stream", "described", "--memory", url, *same_models, env=env)
+    return out
+
+
 def main() -> None:
-    video, llava, clip, work = sys.argv[1:5]
+    video, llava, clip, minilm, work = sys.argv[1:6]
     work_dir = Path(work)
     from cluster_support import start_milvus, start_postgres
 
@@ -89,7 +183,10 @@ def main() -> None:
         ray.init(address=head.address, namespace=cluster.NAMESPACE, log_to_driver=False)
         head.wait_for_nodes()
         out["address"] = head.address
-        settings = Settings(memory=url, model=llava, embedder=clip, device="cpu")
+        settings = Settings(memory=url, model=llava, embedder=clip, caption_embedder=minilm, device="cpu")
+        # What `vidmem ask/ingest --ray` add to name these models: they reach the same encoder and answer replica
+        # (the head node's 4 CPUs hold one of each beside the sources).
+        same_models = ("--device", "cpu", "--caption-embedder", minilm)
         options = cluster.ClusterOptions(replay_speed=REPLAY_SPEED)  # 4 sources + the encoder fit the head alone
         actors = cluster.start_sources(settings, {s: video for s in STREAMS}, ingest_options=IngestOptions(fps=FPS),
                                        options=options)
@@ -132,16 +229,22 @@ def main() -> None:
                             "spans": [[r.start, r.end] for r in memory.segments(stream="front")],
                             "answers": [{"answer": a.text, "streams": sorted({p.row.stream for p in a.picks}),
                                          "follow_up": a.follow_up} for a in live]}
+        out["streaming"] = stream_from_a_replica(app, url, same_models, {**env, cluster.ENV: head.address})
         app.close()
         ray.shutdown()
 
         # Questions from other processes: the shared memory read directly (alongside the next two), then answer
         # replicas on the cluster, twice in one conversation.
-        plain = start_vidmem("ask", "what happens on cam1?", "--memory", url, "--stream", "cam1", env=env)
+        # A stream captioned on the cluster meanwhile: every question from here on names the caption embedder.
+        plain = start_vidmem("ask", "what happens on cam1?", "--memory", url, "--stream", "cam1", "--caption-embedder",
+                             minilm, env=env)
         ray_env = {**env, cluster.ENV: head.address}
-        out["ray_ask"] = [vidmem("ask", question, "--memory", url, "--conversation", "kitchen-chat", env=ray_env)
+        described = start_captioned_ingest(video, url, same_models, ray_env)
+        out["ray_ask"] = [vidmem("ask", question, "--memory", url, "--conversation", "kitchen-chat", *same_models,
+                                 env=ray_env)
                           for question in ("what is happening?", "and then?")]
         out["ask"] = finish(plain)
+        out["described"] = captions_on_the_cluster(described, url, minilm, same_models, ray_env)
     finally:
         for process in STARTED:
             if process.poll() is None:

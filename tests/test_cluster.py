@@ -2,6 +2,10 @@
 
 Ray advertises the machine's address instead of 127.0.0.1, so the scenario (tests/cluster_scenario.py) runs in a
 network namespace with only loopback (`unshare -n`), where every node, PostgreSQL and Milvus bind 127.0.0.1.
+
+The scenario's language model is the tiny checkpoint with its own output head: with tied embeddings a tiny random
+model repeats its prompt's last token (a newline) and every answer and caption is empty, so streaming and captions
+could not be seen.
 """
 from __future__ import annotations
 
@@ -25,11 +29,14 @@ REPO = HERE.parent
 def scenario(tiny_models, videos, tmp_path_factory) -> dict:
     unshare = shutil.which("unshare") or ensure_debian_package("unshare", "util-linux")
     ip = shutil.which("ip") or ensure_debian_package("ip", "iproute2")
+    from checkpoints import build_tiny_llava
+
     work = tmp_path_factory.mktemp("cluster")
+    llava = build_tiny_llava(work / "llava", tie_word_embeddings=False)  # answers in words (see above)
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO.parent)]))}
     command = (f"{ip} link set lo up && exec {sys.executable} {HERE / 'cluster_scenario.py'} "
-               f"{videos['demo.mp4']['file']} {tiny_models.llava} {tiny_models.clip} {work}")
+               f"{videos['demo.mp4']['file']} {llava} {tiny_models.clip} {tiny_models.minilm} {work}")
     result = subprocess.run([unshare, "-n", "bash", "-c", command], capture_output=True, text=True, env=env,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
@@ -70,7 +77,7 @@ def test_questions_from_other_processes_reach_the_shared_memory_and_keep_their_r
     assert all(s["stream"] == "cam1" for s in answer["segments"])
     first, follow_up = scenario["ray_ask"]  # `vidmem ask --ray` twice in one conversation
     assert isinstance(first["answer"], str) and first["visual_tokens"] > 0
-    assert {s["stream"] for s in first["segments"]} <= {"cam1", "cam2", "cam3", "cam4", "front"}
+    assert {s["stream"] for s in first["segments"]} <= {"cam1", "cam2", "cam3", "cam4", "front", "described"}
     assert follow_up["replica"] == first["replica"] and follow_up["follow_up"]
     assert follow_up["cached_tokens"] > 0 and follow_up["prefill_tokens"] < first["prefill_tokens"]
 
@@ -81,6 +88,44 @@ def test_the_front_ends_app_encodes_and_answers_on_the_cluster(scenario) -> None
     assert front["spans"] == scenario["reference"] and front["segments"] == len(scenario["reference"])
     for answer in front["answers"]:
         assert isinstance(answer["answer"], str) and answer["streams"] == ["front"]
+
+
+def test_answers_stream_from_a_replica_token_by_token(scenario) -> None:
+    streaming = scenario["streaming"]
+    app = streaming["app"]  # the websocket server's app (`serve --ray`) asking with on_token
+    assert len(app["pieces"]) > 1, "the answer arrives in pieces, as the replica's model produces them"
+    assert "".join(app["pieces"]).strip() == app["answer"] and app["answer"] and app["segments"] > 0
+    # `vidmem ask --ray` on a terminal prints what `vidmem ask` prints on one machine: the streamed answer, then
+    # what it was drawn from.
+    terminal = streaming["terminal"]
+    assert terminal["rc"] == 0, terminal["stderr"][-2000:]
+    text, cited = terminal["stdout"].rstrip("\n").rsplit("\n", 1)
+    assert text == app["answer"]
+    assert cited.startswith("(from ") and " visual tokens: front " in cited
+    # A listener that stops listening ends the answer with its own error; the replica answers the next question.
+    assert streaming["cut_short"] == {"pieces": 1, "error": "the listener went away"}
+    # An error raised on the replica, inside the stream, reaches the caller as itself and the CLI as one line.
+    assert streaming["unknown_stream"]["type"] == "UnknownStreamError"
+    assert streaming["unknown_stream"]["error"].startswith("unknown stream 'nowhere'")
+    unknown = streaming["terminal_unknown_stream"]
+    assert unknown["rc"] != 0 and unknown["stdout"] == "" and "Traceback" not in unknown["stderr"]
+    assert unknown["stderr"].splitlines()[-1] == f"vidmem: error: {streaming['unknown_stream']['error']}"
+
+
+def test_segments_ingested_on_the_cluster_get_captions_that_questions_search(scenario) -> None:
+    described = scenario["described"]  # `vidmem ingest --ray --captions`, then questions about that stream
+    segments = described["report"]["segments"]
+    assert segments > 0 and len(described["captions"]) == segments
+    # Captions are written by the answer replicas (where the language model lives) into the shared memory, and
+    # every one is there once ingest returns, indexed for caption search.
+    assert all(described["captions"]), "every segment committed on the cluster is described"
+    assert all(described["caption_search"]), "each caption finds its segment through the caption index"
+    answer = described["ask"]  # asked with the last segment's caption, on the cluster
+    assert answer["segments"] and {s["stream"] for s in answer["segments"]} == {"described"}
+    # Keyframe and caption rankings are fused (reciprocal ranks, k=60): a segment found by both scores above
+    # 1/61, the most a segment found by one ranking can score.
+    retrieved = [s for s in answer["segments"] if s["score"] > 0]
+    assert retrieved and all(1 / 61 < s["score"] <= 2 / 61 + 1e-4 for s in retrieved)
 
 
 def test_ray_without_a_shared_memory_is_refused_in_one_line(tmp_path, videos) -> None:
