@@ -20,8 +20,8 @@
 - **Captions.** With `--captions`, each source commits its segment and hands its id to an answer replica without
   waiting (`caption.remote`); the replica queues it behind questions, describes the segment with the VLM and
   stores the caption and its embedding in the shared memory, where questions fuse caption search as on one
-  machine. `ingest` returns once its segments are described. A caption still queued on a replica that dies is
-  lost: the segment stays, without a caption.
+  machine. `ingest` returns once its segments are described. A caption still queued on a replica that dies, or
+  just requested by a source whose node is lost, is lost: the segment stays, without a caption.
 - **Memory.** Every node reaches the same shared memory (PostgreSQL + Milvus + token files on shared storage,
   memory/shared.py): `--ray` requires a postgresql:// `--memory`.
 """
@@ -204,6 +204,7 @@ class _RemoteSink:
         self.skipped = 0
         # --captions: an answer replica captions each committed segment (the language model lives there)
         self.captioner = None
+        self.caption_calls: list = []  # caption requests not yet received by the replica
         if app.settings.captions:
             replicas = captioners(app.settings)
             self.captioner = replicas[zlib.crc32(stream.encode()) % len(replicas)]
@@ -226,12 +227,21 @@ class _RemoteSink:
             tokens=encoded.tokens, slow=encoded.slow, embedding=encoded.embedding, keyframe_jpeg=encoded.keyframe_jpeg,
             views=encoded.views)
         if self.captioner is not None:
-            # Fire and forget: the replica queues it behind questions, so ingest never waits for the language
+            # Not waited for: the replica queues it behind questions, so ingest never waits for the language
             # model. A caption queued on a replica that dies is lost; its segment stays, without a caption.
-            self.captioner.caption.remote(self.last_row.id)
+            ray = _ray()
+            calls = [*self.caption_calls, self.captioner.caption.remote(self.last_row.id)]
+            self.caption_calls = ray.wait(calls, num_returns=len(calls), timeout=0)[1]  # drop the received ones
         if self.on_segment is not None:
             self.on_segment(self.last_row, segment)
         return self.last_row.tokens
+
+    def close(self) -> None:
+        """The stream's ingest has ended: wait until the replicas hold its caption requests (not the captions), so
+        that `captions_done` after this sees every one of them."""
+        if self.caption_calls:
+            _ray().get(self.caption_calls)
+            self.caption_calls = []
 
     def extend(self, segment) -> None:
         if self.resume_after is not None and segment.end <= self.resume_after:
@@ -299,6 +309,7 @@ class SourceWorker:
             if self.replay_speed:
                 source = _Paced(source, self.replay_speed, skip_until=resume)
             report = asyncio.run(ingest(source, sink, stream=self.stream, options=self.ingest_options or IngestOptions()))
+            sink.close()
         finally:
             app.close()
         out = report.to_json()
@@ -616,8 +627,11 @@ def _cluster_app_class():
             await asyncio.to_thread(lambda: self.memory.bind(self.manifest()))
             encoder = self.encoders[zlib.crc32(stream.encode()) % len(self.encoders)]
             sink = _RemoteSink(self, stream, encoder, None, on_segment=on_segment)
-            return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
-                                stop=stop)
+            try:
+                return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
+                                    stop=stop)
+            finally:
+                await asyncio.to_thread(sink.close)
 
         def refresh_live(self, stream: str) -> None:
             """The live window is kept on the replica that answers the stream's questions."""

@@ -117,6 +117,9 @@ def stream_from_a_replica(app, url: str, same_models: tuple[str, ...], env: dict
     pieces: list[str] = []
     answer = app.ask(STREAMED_QUESTION, streams=["front"], on_token=pieces.append)
     out["app"] = {"pieces": pieces, "answer": answer.text, "segments": len(answer.picks)}
+    # A front-end's conversation (a websocket or MQTT client's): kept on the replica, the follow-up reuses it.
+    out["conversation"] = [app.ask_conversation("porch-chat", question, streams=["front"], live=True).to_json()
+                           for question in ("who is at the door?", "and now?")]
     out["terminal"] = terminal.finish()
     out["terminal_unknown_stream"] = unknown.finish()
     return out
@@ -141,11 +144,12 @@ def captions_on_the_cluster(ingest: subprocess.Popen, url: str, minilm: str, sam
         out["captions"] = [row.caption for row in rows]
         embedder = load_caption_embedder(minilm, device="cpu")
         out["caption_search"] = [  # the best caption match of each caption's text is it (or one worded alike)
-            [hit.caption for hit, _ in memory.search(embedder.embed_texts([row.caption])[0], k=1,
-                                                     streams=["described"], kinds=["caption"])] == [row.caption]
+            bool(row.caption) and [hit.caption for hit, _ in memory.search(
+                embedder.embed_texts([row.caption])[0], k=1, streams=["described"], kinds=["caption"])] == [row.caption]
             for row in rows]
     # Asked with the caption embedder the ingest used: the answer replica that wrote the captions answers it.
-    out["ask"] = vidmem("ask", rows[-1].caption, "--stream", "described", "--memory", url, *same_models, env=env)
+    question = rows[-1].caption or "what happens?"
+    out["ask"] = vidmem("ask", question, "--stream", "described", "--memory", url, *same_models, env=env)
     return out
 
 

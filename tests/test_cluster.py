@@ -102,6 +102,8 @@ def test_answers_stream_from_a_replica_token_by_token(scenario) -> None:
     text, cited = terminal["stdout"].rstrip("\n").rsplit("\n", 1)
     assert text == app["answer"]
     assert cited.startswith("(from ") and " visual tokens: front " in cited
+    first, follow_up = streaming["conversation"]  # the front-ends' conversations: kept on the replica
+    assert follow_up["cached_tokens"] > 0 and follow_up["prefill_tokens"] < first["prefill_tokens"]
     # A listener that stops listening ends the answer with its own error; the replica answers the next question.
     assert streaming["cut_short"] == {"pieces": 1, "error": "the listener went away"}
     # An error raised on the replica, inside the stream, reaches the caller as itself and the CLI as one line.
