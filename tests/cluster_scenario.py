@@ -131,25 +131,30 @@ def start_captioned_ingest(video: str, url: str, same_models: tuple[str, ...], e
                         "--captions", "--memory", url, *same_models, env=env)
 
 
-def captions_on_the_cluster(ingest: subprocess.Popen, url: str, minilm: str, same_models: tuple[str, ...],
-                            env: dict) -> dict:
+def captions_on_the_cluster(ingest: subprocess.Popen, settings, address: str) -> dict:
     """Once `ingest --captions` returns: the captions in the shared memory, found by caption search, and a question
     asked on the cluster whose selection fuses caption search with keyframe search."""
+    import ray
+
+    from vidmem.agents import cluster
     from vidmem.agents.models import load_caption_embedder
     from vidmem.memory import Memory
 
     out: dict = {"report": finish(ingest)}
-    with Memory.open(url, readonly=True) as memory:
+    with Memory.open(settings.memory, readonly=True) as memory:
         rows = memory.segments(stream="described")
         out["captions"] = [row.caption for row in rows]
-        embedder = load_caption_embedder(minilm, device="cpu")
+        embedder = load_caption_embedder(settings.caption_embedder, device="cpu")
         out["caption_search"] = [  # the best caption match of each caption's text is it (or one worded alike)
             bool(row.caption) and [hit.caption for hit, _ in memory.search(
                 embedder.embed_texts([row.caption])[0], k=1, streams=["described"], kinds=["caption"])] == [row.caption]
             for row in rows]
-    # Asked with the caption embedder the ingest used: the answer replica that wrote the captions answers it.
-    question = rows[-1].caption or "what happens?"
-    out["ask"] = vidmem("ask", question, "--stream", "described", "--memory", url, *same_models, env=env)
+    # Asked with the models the ingest named (the caption embedder among them): the replica that wrote the captions.
+    cluster.connect(address)
+    try:
+        out["ask"] = cluster.Answerers(settings).ask(rows[-1].caption or "what happens?", streams=["described"])
+    finally:
+        ray.shutdown()
     return out
 
 
@@ -233,7 +238,9 @@ def main() -> None:
                             "spans": [[r.start, r.end] for r in memory.segments(stream="front")],
                             "answers": [{"answer": a.text, "streams": sorted({p.row.stream for p in a.picks}),
                                          "follow_up": a.follow_up} for a in live]}
+        started = time.monotonic()
         out["streaming"] = stream_from_a_replica(app, url, same_models, {**env, cluster.ENV: head.address})
+        out["seconds"] = {"streaming": round(time.monotonic() - started, 1)}
         app.close()
         ray.shutdown()
 
@@ -248,7 +255,9 @@ def main() -> None:
                                  env=ray_env)
                           for question in ("what is happening?", "and then?")]
         out["ask"] = finish(plain)
-        out["described"] = captions_on_the_cluster(described, url, minilm, same_models, ray_env)
+        started = time.monotonic()
+        out["described"] = captions_on_the_cluster(described, settings, head.address)
+        out["seconds"]["captions_after_the_asks"] = round(time.monotonic() - started, 1)
     finally:
         for process in STARTED:
             if process.poll() is None:
