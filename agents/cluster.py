@@ -6,6 +6,11 @@
   (stream/), sends segments to the encoder pool and commits the results to the shared memory itself. Ray restarts
   an actor whose node is lost on another node (`max_restarts=-1`) and retries its `run` (`max_task_retries=-1`):
   the new run resumes after the stream's last committed segment, so nothing committed is lost or stored twice.
+  `ingest --ray` and `monitor --ray` run every source this way. A monitor's sources (`ClusterSources`) also get
+  each frame's CLIP embedding back from the encoder and send the monitor, through a Ray queue, the committed
+  rows with those (T, E) embeddings and their state changes, never frames; `stop()` ends a run after its segment
+  in flight. The websocket server's sources stay in the front-end process, where the browsers' frames arrive
+  (`ClusterVidmem.ingest`: decoded there, encoded on the pool).
 - **Encoding.** `EncoderService` actors hold the vision tower, the compressor and the retrieval embedder, one per
   device (a GPU, or a share of one with `gpus_per_encoder`). Requests from every stream that arrive within
   `batch_wait_s` go through the models together (up to `batch_segments`), so a device sees full batches even
@@ -147,7 +152,7 @@ class EncoderService:
         self._wake.set()
         return await future
 
-    def _encode_batch(self, sink, flat: list, watched: list) -> tuple[list, np.ndarray]:
+    def _encode_batch(self, sink, flat: list, watched: list) -> tuple[list, np.ndarray | None]:
         """The batch's EncodedSegments, and the frame embeddings of the `watched` segments ((sum T, E) float32)."""
         encoded = sink.encode(flat)
         images = [frame.image for segment in watched for frame in segment.frames]

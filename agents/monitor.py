@@ -179,7 +179,9 @@ class RecentNames:
 class Monitor:
     """Watch rules, questions and triggers over MQTT for one vidmem deployment.
 
-    `run(stop)` connects, ingests the given sources and serves until `stop` is set. The live server attaches
+    `run(stop)` connects, ingests the given sources and serves until `stop` is set. With an app on a Ray cluster
+    (`monitor --ray`: one with `watch_sources`), the sources run as actors there and send back their committed
+    rows with the frames' embeddings, scored here all the same (`_ingest_on_cluster`). The live server attaches
     it without sources: it calls `on_segment(row, segment)` for each committed segment of its websocket
     streams (any thread) and passes `on_event(stream, event_message)` to hear about events.
     """

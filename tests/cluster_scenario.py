@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -75,7 +76,6 @@ class PacedCamera:
         self.url = f"http://127.0.0.1:{self.port}/cam.ts"
 
     def boot(self) -> None:
-        import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         body, rate = self.body, len(self.body) / CAMERA_SECONDS  # bytes per second of video
@@ -110,6 +110,29 @@ class PacedCamera:
             self.server.server_close()
 
 
+class Background(threading.Thread):
+    """`call(*args)` in a thread, started now; `result` waits for what it returned (or raises what it raised)."""
+
+    def __init__(self, call, *args) -> None:
+        super().__init__(daemon=True)
+        self.call, self.args, self.value, self.error = call, args, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.call(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
+            self.error = exc
+
+    def result(self, timeout: float):
+        self.join(timeout)
+        if self.is_alive():
+            raise SystemExit(f"{self.call.__name__} did not finish within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict) -> dict:
     """`vidmem monitor --ray` with a file and a camera that is down at first, both as source actors; a watch rule on
     each; everything it publishes collected over MQTT from a real Mosquitto; SIGTERM once the camera's stream has
@@ -135,6 +158,7 @@ def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict
         async with Watcher(broker.port) as w:
             log = (work / "monitor.log").open("w")
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+            STARTED.append(process)  # killed by main() on the way out if it fails first
             try:
                 # the camera is down: its actor keeps knocking (the monitor's backoff reached it), then it boots
                 await w.wait(lambda: any(m["state"] == "reconnecting" and m["attempts"] >= 2
@@ -175,6 +199,7 @@ def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict
     with Memory.open(url, readonly=True) as memory:
         out["rows"] = {s: [[r.start, r.end] for r in memory.segments(stream=s)] for s in ("porch", "door")}
         out["verify"] = memory.verify()
+    mark("done")
     return out
 
 
@@ -258,6 +283,8 @@ def main() -> None:
         app.close()
         ray.shutdown()
 
+        # `vidmem monitor --ray` meanwhile, in a thread of its own (its two source actors take the head's last CPU)
+        monitor = Background(monitor_on_cluster, head.address, url, video, work_dir, env)
         # Questions from other processes: the shared memory read directly (alongside the next two), then answer
         # replicas on the cluster, twice in one conversation.
         plain = start_vidmem("ask", "what happens on cam1?", "--memory", url, "--stream", "cam1", env=env)
@@ -266,7 +293,7 @@ def main() -> None:
                           for question in ("what is happening?", "and then?")]
         out["ask"] = finish(plain)
         out["head_node"] = head.head_node.node_id
-        out["monitor"] = monitor_on_cluster(head.address, url, video, work_dir, env)
+        out["monitor"] = monitor.result(timeout=480)
     finally:
         for process in STARTED:
             if process.poll() is None:
