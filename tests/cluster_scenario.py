@@ -203,6 +203,18 @@ def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict
     return out
 
 
+def start_monitor_step(head, finished_actors: dict, url: str, video: str, work: Path, env: dict) -> Background:
+    """`vidmem monitor --ray` beside the front-end's steps; its result: {"monitor": ..., "head_node": ...}.
+
+    The 4 streams' finished actors go first: the monitor's source actors need their CPU share on the head."""
+    import ray
+
+    for actor in finished_actors.values():
+        ray.kill(actor)
+    return Background(lambda: {"monitor": monitor_on_cluster(head.address, url, video, work, env),
+                               "head_node": head.head_node.node_id})
+
+
 def main() -> None:
     video, llava, clip, work = sys.argv[1:5]
     work_dir = Path(work)
@@ -269,8 +281,9 @@ def main() -> None:
         with Memory.open(url, readonly=True) as memory:
             out["after"] = {r.id: [r.stream, r.start, r.end, fingerprint(memory, r)] for r in memory.segments()}
             out["verify"] = memory.verify()
+        monitor = start_monitor_step(head, actors, url, video, work_dir, env)
 
-        # What `vidmem serve --ray` and `vidmem monitor --ray` hold: sources local, encoding and answers remote.
+        # What `vidmem serve --ray` holds: sources local, encoding and answers remote (`monitor --ray` too, for rules).
         app = cluster.open_app(settings, address=head.address)
         app.load_models()
         report = asyncio.run(app.ingest(open_source(video), stream="front", options=IngestOptions(fps=FPS)))
@@ -282,9 +295,8 @@ def main() -> None:
                                          "follow_up": a.follow_up} for a in live]}
         app.close()
         ray.shutdown()
+        out.update(monitor.result(timeout=480))  # before the asks: it adds streams to the memory they read
 
-        # `vidmem monitor --ray` meanwhile, in a thread of its own (its two source actors take the head's last CPU)
-        monitor = Background(monitor_on_cluster, head.address, url, video, work_dir, env)
         # Questions from other processes: the shared memory read directly (alongside the next two), then answer
         # replicas on the cluster, twice in one conversation.
         plain = start_vidmem("ask", "what happens on cam1?", "--memory", url, "--stream", "cam1", env=env)
@@ -292,8 +304,6 @@ def main() -> None:
         out["ray_ask"] = [vidmem("ask", question, "--memory", url, "--conversation", "kitchen-chat", env=ray_env)
                           for question in ("what is happening?", "and then?")]
         out["ask"] = finish(plain)
-        out["head_node"] = head.head_node.node_id
-        out["monitor"] = monitor.result(timeout=480)
     finally:
         for process in STARTED:
             if process.poll() is None:
