@@ -127,7 +127,7 @@ class Background(threading.Thread):
     def result(self, timeout: float):
         self.join(timeout)
         if self.is_alive():
-            raise SystemExit(f"{self.call.__name__} did not finish within {timeout:.0f} s")
+            raise SystemExit(f"{getattr(self.call, '__name__', 'a step')} did not finish within {timeout:.0f} s")
         if self.error is not None:
             raise self.error
         return self.value
@@ -145,9 +145,10 @@ def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict
     rules = work / "rules.yaml"
     rules.write_text("rules:\n" + "".join(f"  - stream: {s}\n    id: anything\n    condition: a person walking\n"
                                           "    threshold: -1\n    cooldown: 0\n" for s in ("porch", "door")))
+    # --device cpu: the models of the scenario's encoder and answer actors, so the monitor shares them
     command = [sys.executable, "-m", "vidmem", "monitor", "--mqtt", broker.url(), "--rules", str(rules),
                "--source", f"porch={video}", "--source", f"door={camera.url}", "--fps", str(FPS),
-               "--source-backoff-max", "1", "--memory", url, "--device", "cpu", "--ray", address]  # cpu: the scenario's models
+               "--source-backoff-max", "1", "--memory", url, "--device", "cpu", "--ray", address]
     out: dict = {"timeline": {}}
     started = time.monotonic()
 
