@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -634,21 +635,22 @@ class Monitor:
             ingest_options=IngestOptions(fps=self.options.fps), backoff=self.source_backoff(),
             queue_size=self.options.segment_queue, feed_wait=self.options.segment_wait)
         try:
-            async for kind, name, *rest in sources.messages(stop):
-                if kind == "segment":
-                    await self._segments.put((rest[0], None, rest[1]))  # waits for room: the actor's put waits too
-                elif kind == "status":
-                    self.on_source_status(name, rest[0], node=rest[1])
-                elif kind == "finished":
-                    report, error = rest
-                    if error is not None:
-                        log.error("source %s failed: %s", name, error)
-                        self._error(f"{self.options.prefix}/{name}", error.code, f"source '{name}': {error}")
-                    else:
-                        log.info("source %s finished on node %s: %d segments, %.1f s of video", name,
-                                 report["node"], report["segments"], report["video_seconds"])
-                    if not stop.is_set():
-                        await self._segments.put(("close", name, None))
+            async with contextlib.aclosing(sources.messages(stop)) as messages:
+                async for kind, name, *rest in messages:
+                    if kind == "segment":
+                        await self._segments.put((rest[0], None, rest[1]))  # waits for room; so does the actor
+                    elif kind == "status":
+                        self.on_source_status(name, rest[0], node=rest[1])
+                    elif kind == "finished":
+                        report, error = rest
+                        if error is not None:
+                            log.error("source %s failed: %s", name, error)
+                            self._error(f"{self.options.prefix}/{name}", error.code, f"source '{name}': {error}")
+                        else:
+                            log.info("source %s finished on node %s: %d segments, %.1f s of video", name,
+                                     report["node"], report["segments"], report["video_seconds"])
+                        if not stop.is_set():
+                            await self._segments.put(("close", name, None))
             await self._segments.join()  # the segments committed before the stop are scored before events close
         finally:
             await asyncio.to_thread(sources.close)
