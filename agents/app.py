@@ -41,7 +41,7 @@ class Settings:
     compressor_weights: Path | None = None  # a `vidmem train` checkpoint (safetensors)
     captions: bool = False  # describe segments with the VLM at ingest and index the captions
     max_new_tokens: int = 256  # answer length limit
-    feature_cache: bool = False  # STC cacher: reuse vision features of near-identical frames instead of re-encoding
+    feature_cache: bool = True  # STC cacher: reuse vision features of near-identical frames instead of re-encoding
     prune: float = 1.0  # STC pruner: share of each segment's tokens shown to the model; selection spends budget / prune
     token_dtype: str = "float16"  # how new segments store their tokens: float16, or int8 with one scale per token
     kv_cache_bytes: int = 2 << 30  # kept KV caches (live windows, conversations) held at most, least recent out first
@@ -328,8 +328,10 @@ class Vidmem:
         self.watch_source(source, stream, on_status)
         sink = MemorySink(self, stream, on_segment=on_segment)
         try:
-            return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
-                                stop=stop)
+            report = await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
+                                  stop=stop)
+            report.cached_frames = getattr(sink.encoder, "hits", 0)  # the STC cacher's reused frames, when it is on
+            return report
         finally:
             sink.close()
             await asyncio.to_thread(self._after_ingest, stream)

@@ -88,9 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--captions", action="store_true", help="describe each segment with the VLM and index the captions")
-    p.add_argument("--feature-cache", action="store_true",
-                   help="reuse vision features of near-identical frames instead of encoding them again (STC cacher)")
     p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
+    _feature_cache(p)
     _token_dtype(p)
     _ray_flag(p)
     _common(p)
@@ -120,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-ca", type=Path, help="CA certificate file to check an mqtts:// broker with")
     p.add_argument("--mqtt-insecure", action="store_true", help="mqtts:// without checking the certificate (testing only)")
     p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
+    _feature_cache(p)
     _token_dtype(p)
     _kv_cache(p)
     _encode_batch(p)
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-backoff-max", type=float, default=30.0,
                    help="longest wait between a lost camera's reconnection attempts, seconds (default 30; it never "
                         "gives up)")
+    _feature_cache(p)
     _token_dtype(p)
     _kv_cache(p)
     _encode_batch(p)
@@ -188,6 +189,12 @@ def _encode_batch(parser: argparse.ArgumentParser) -> None:
                              "more than one stream is open (default 5)")
 
 
+def _feature_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the vision features of a near-identical recent frame instead of running the tower "
+                             "again (STC cacher, per stream; on by default, --no-feature-cache turns it off)")
+
+
 def _token_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-dtype", choices=("float16", "int8"), default="float16",
                         help="how new segments store their tokens (int8: half the disk, one scale per token)")
@@ -202,7 +209,7 @@ def _settings(args: argparse.Namespace):
         compressor_weights=getattr(args, "compressor_weights", None),
         max_new_tokens=getattr(args, "max_new_tokens", 256),
         captions=getattr(args, "captions", False),
-        feature_cache=getattr(args, "feature_cache", False),
+        feature_cache=getattr(args, "feature_cache", True),
         prune=getattr(args, "prune", 1.0),
         caption_embedder=getattr(args, "caption_embedder", None),
         token_dtype=getattr(args, "token_dtype", "float16"),

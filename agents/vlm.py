@@ -383,11 +383,28 @@ class VLM:
 
     def answer_loss(self, prompt: torch.Tensor, answer: str) -> torch.Tensor:
         """Next-token cross-entropy of `answer` and the end of turn after the (1, P, H) prompt (the training loss)."""
+        return self.answer_losses([prompt], [answer])[0]
+
+    def answer_losses(self, prompts: list[torch.Tensor], answers: list[str]) -> torch.Tensor:
+        """(B,) `answer_loss` of each (1, P_i, H) prompt and its answer, in one forward pass.
+
+        The sequences are padded on the right: under the causal mask a real position never sees the padding after
+        it, so each loss equals the unbatched one. Only the answers' positions go through lm_head.
+        """
         end = torch.tensor([self.end_of_turn_id], device=self.device)
-        target = torch.cat([self.ids(answer.strip()), end])  # (A,)
-        inputs = torch.cat([prompt, self.embed_ids(target)[None].to(prompt.dtype)], dim=1)  # (1, P + A, H)
-        logits = self.forward(inputs[:, :-1], all_positions=True)[:, prompt.shape[1] - 1 :]  # (1, A, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), target)
+        targets = [torch.cat([self.ids(answer.strip()), end]) for answer in answers]  # (A_i,) each
+        inputs = [torch.cat([prompt[0], self.embed_ids(target).to(prompt.dtype)])[:-1]  # (P_i + A_i - 1, H)
+                  for prompt, target in zip(prompts, targets)]
+        batch = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)  # (B, L, H), zeros after each sequence
+        positions = torch.arange(batch.shape[1], device=batch.device)[None]  # (1, L)
+        hidden = self.language_model(inputs_embeds=batch.to(self.dtype_of_embeddings), use_cache=False,
+                                     position_ids=positions).last_hidden_state  # (B, L, H)
+        losses = []
+        for i, (prompt, target) in enumerate(zip(prompts, targets)):
+            start = prompt.shape[1] - 1  # the last prompt position predicts the answer's first token
+            logits = self.lm_head(hidden[i, start : start + len(target)])  # (A_i, V)
+            losses.append(F.cross_entropy(logits.float(), target))
+        return torch.stack(losses)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

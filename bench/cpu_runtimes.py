@@ -21,6 +21,11 @@ others, best of `--repeats`:
   QUInt8 weights (AVX2 without VNNI may run one better than the other); `ort_int8_s8_rr`: QInt8 with
   `reduce_range` (7-bit weights: the u8 x s8 products of AVX2's vpmaddubsw cannot saturate).
 
+`--ceiling` times eager and `fast` only, splitting each call into its linear layers (timed by hooks on every
+`nn.Linear` and int8 dynamic Linear) and everything else (attention, norms, activations): what any runtime that
+speeds up the linear layers alone can reach, against the issue's goals (tower 3x, prefill 2x), beside the most
+torch's int8 kernels gain over fp32 on a large square product on this CPU.
+
 `--layers` cuts both models to N layers (identical layers: per-layer cost and the ratios carry over to full depth).
 Memory: `rss_added_mb` is the resident size the candidate added (after conversion, before timing), `peak_rss_mb`
 the process's peak resident size sampled during its conversion; all candidates live in one process, so the peak
@@ -388,6 +393,95 @@ def lm_candidates(args: argparse.Namespace, work: Path) -> tuple[dict, list[Cand
     return info, candidates
 
 
+# ---------------------------------------------------------------------------------------------------- ceiling
+
+
+class LinearClock:
+    """Wall time spent inside linear layers (fp32 `nn.Linear` and int8 dynamic ones) while enabled: global module
+    hooks, so no model code changes. The models run synchronously on the CPU, so the sums are exact."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: dict[int, float] = {}
+        self._handles = []
+
+    @staticmethod
+    def _is_linear(module: torch.nn.Module) -> bool:
+        return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear"
+
+    def __enter__(self) -> "LinearClock":
+        def before(module, inputs):
+            if self._is_linear(module):
+                self._started[id(module)] = time.perf_counter()
+
+        def after(module, inputs, output):
+            if self._is_linear(module):
+                self.seconds += time.perf_counter() - self._started.pop(id(module))
+
+        self._handles = [torch.nn.modules.module.register_module_forward_pre_hook(before),
+                         torch.nn.modules.module.register_module_forward_hook(after)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def int8_gemm_peak(repeats: int = 5, size: int = 2048) -> dict:
+    """fp32 `nn.Linear` against torch's int8 dynamic one on a large square product (size x size by size x size),
+    alternating, best of `repeats`: the most the int8 kernels gain over fp32 on this CPU, away from small shapes."""
+    from vidmem.compressors.runtime import quantize_linears
+
+    torch.manual_seed(0)
+    fp32 = torch.nn.Sequential(torch.nn.Linear(size, size)).eval()
+    int8 = quantize_linears(copy.deepcopy(fp32))
+    x = torch.randn(size, size)
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, module in (("fp32", fp32), ("int8", int8)):
+                start = time.perf_counter()
+                module(x)
+                times[name].append(time.perf_counter() - start)
+    best = {name: min(values[1:]) for name, values in times.items()}
+    flops = 2 * size**3
+    return {"shape": f"{size}x{size}x{size}", "fp32_gflops": round(flops / best["fp32"] / 1e9, 1),
+            "int8_gops": round(flops / best["int8"] / 1e9, 1), "speedup": round(best["fp32"] / best["int8"], 2)}
+
+
+def ceiling(candidates: list[Candidate], repeats: int, *, unit: str, per_call: float, goal: float) -> dict:
+    """Eager and `fast` split into linear layers and the rest (best of `repeats`, alternating), and what speeding up
+    the linear layers alone can reach: `bound_free_linears` if they cost nothing, `linear_speedup_needed` to reach
+    `goal` (None: out of reach whatever the linear layers cost)."""
+    split: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(repeats):
+        for c in candidates:
+            if c.run is None:
+                continue
+            with LinearClock() as clock:
+                start = time.perf_counter()
+                c.run()
+                total = time.perf_counter() - start
+            split.setdefault(c.name, []).append((total, clock.seconds))
+    best = {name: min(rows) for name, rows in split.items()}  # the fastest call, with its own split
+    out: dict = {}
+    for name, (total, linear) in best.items():
+        out[name] = {"total_s": round(total, 3), "linear_s": round(linear, 3), "other_s": round(total - linear, 3),
+                     "linear_share": round(linear / total, 3)}
+    (eager_total, eager_linear), (fast_total, fast_linear) = best["eager"], best["fast"]
+    eager_other = eager_total - eager_linear
+    target = eager_total / goal  # the time per call the goal asks for
+    out["int8_linear_speedup"] = round(eager_linear / fast_linear, 2)
+    out["int8_gemm_peak"] = int8_gemm_peak()
+    out["x_eager_fast"] = round(eager_total / fast_total, 2)
+    out["goal_x"] = goal
+    out["bound_free_linears_x"] = round(eager_total / eager_other, 2)
+    out["linear_speedup_needed"] = round(eager_linear / (target - eager_other), 2) if target > eager_other else None
+    out["unit"] = unit
+    out["per_call"] = per_call
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -405,10 +499,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1, help="frames per tower call")
     parser.add_argument("--tokens", type=int, default=1024, help="prefill tokens")
     parser.add_argument("--only", choices=("tower", "lm"), default=None)
+    parser.add_argument("--ceiling", action="store_true",
+                        help="eager and fast only, split into linear layers and the rest: what the goals need")
     parser.add_argument("--candidates", default=None,
                         help="comma-separated names to build (eager always; ort_fp32 too when any ort_ is named)")
     args = parser.parse_args()
     global SELECTED
+    if args.ceiling:
+        args.candidates = "fast"
     if args.candidates:
         SELECTED = {"eager", *args.candidates.split(",")}
         if any(name.startswith("ort_int8") for name in SELECTED):
@@ -422,15 +520,21 @@ def main() -> None:
                  "threads": args.threads, "repeats": args.repeats}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="vidmem-cpu-runtimes-") as tmp:
-        for part, (builder, unit, per_call) in {
-            "tower": (tower_candidates, "ms_per_frame", args.frames),
-            "lm": (lm_candidates, "tokens_per_s", args.tokens),
+        for part, (builder, unit, per_call, goal) in {
+            "tower": (tower_candidates, "ms_per_frame", args.frames, 3.0),
+            "lm": (lm_candidates, "tokens_per_s", args.tokens, 2.0),
         }.items():
             if args.only and args.only != part:
                 continue
             log(f"--- {part}")
             info, candidates = builder(args, Path(tmp))
             loads.append(os.getloadavg()[0])
+            if args.ceiling:
+                out[part] = {**info, "ceiling": ceiling(candidates, args.repeats, unit=unit, per_call=per_call,
+                                                         goal=goal)}
+                loads.append(os.getloadavg()[0])
+                log(f"{part}: {out[part]}")
+                continue
             race(candidates, args.repeats)
             loads.append(os.getloadavg()[0])
             out[part] = {**info, "candidates": report(candidates, unit=unit, per_call=per_call)}

@@ -63,7 +63,7 @@ from vidmem.errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = [  # checkpoint I/O and clip reading live in checkpoint.py and dataset.py; older imports find them here
-    "OBJECTIVES", "TrainOptions", "TrainReport", "answer_loss", "decode_frames", "load_compressor", "load_examples",
+    "OBJECTIVES", "TrainOptions", "TrainReport", "answer_loss", "answer_losses", "decode_frames", "load_compressor", "load_examples",
     "read_checkpoint_config", "save_checkpoint", "train",
 ]
 OBJECTIVES = ("caption", "qa", "reconstruction")
@@ -189,13 +189,21 @@ def answer_loss(vlm: Any, compressor: Compressor, segments: list[CachedSegment],
     Every segment is shown at full detail (the compressor's whole token block), in time order, as `vidmem ask`
     shows the segments it selects.
     """
-    items = []
-    for segment in segments:
-        block = vlm.compress(compressor, segment.features().to(device))  # tokens (N, H) in the LM's input space
-        items.append((segment.start, segment.end, block.tokens))
-    evidence = vlm.evidence_embeds(items)  # (S, H)
-    prompt = vlm.prompt_embeds(question, evidence)  # (1, P, H), the system prompt answering uses
-    return vlm.answer_loss(prompt, target)
+    return answer_losses(vlm, compressor, [(segments, question, target)], device=device)[0]
+
+
+def answer_losses(vlm: Any, compressor: Compressor, examples: list[tuple[list[CachedSegment], str, str]],
+                  *, device: torch.device) -> torch.Tensor:
+    """(B,) `answer_loss` of each (segments, question, target), the language model run once over the batch."""
+    prompts = []
+    for segments, question, _ in examples:
+        items = []
+        for segment in segments:
+            block = vlm.compress(compressor, segment.features().to(device))  # tokens (N, H) in the LM's input space
+            items.append((segment.start, segment.end, block.tokens))
+        evidence = vlm.evidence_embeds(items)  # (S, H)
+        prompts.append(vlm.prompt_embeds(question, evidence))  # (1, P, H), the system prompt answering uses
+    return vlm.answer_losses(prompts, [target for *_, target in examples])
 
 
 @dataclass(frozen=True)
@@ -310,10 +318,18 @@ class Trainer:
         return modules, trainable
 
     def loss(self, item: Item) -> torch.Tensor:
-        if item.question is None:
-            return self.compressor.reconstruction_loss(item.segments[0].features().to(self.device)[None])
-        return answer_loss(self.vlm, self.compressor, list(item.segments), item.question, item.target,
-                           device=self.device)
+        return self.losses([item])[0]
+
+    def losses(self, items: list[Item]) -> torch.Tensor:
+        """(B,) the loss of each item; answering items share one pass of the language model."""
+        answering = [item for item in items if item.question is not None]
+        batched = iter(answer_losses(self.vlm, self.compressor,
+                                     [(list(item.segments), item.question, item.target) for item in answering],
+                                     device=self.device)) if answering else iter(())
+        return torch.stack([
+            next(batched) if item.question is not None
+            else self.compressor.reconstruction_loss(item.segments[0].features().to(self.device)[None])
+            for item in items])
 
     def step(self, micro_batches: list[list[Item]], lr: float) -> float:
         """One optimiser step over `grad_accum` micro-batches at learning rate `lr`; returns its mean loss."""
@@ -322,7 +338,7 @@ class Trainer:
         total = 0.0
         for picked in micro_batches:
             with self.autocast:
-                loss = torch.stack([self.loss(item) for item in picked]).mean() / len(micro_batches)
+                loss = self.losses(picked).mean() / len(micro_batches)
             loss.backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
@@ -340,9 +356,10 @@ class Trainer:
         """Mean loss over `items`, without dropout."""
         self.set_mode(False)
         total = 0.0
-        for item in items:
+        size = self.options.batch_size
+        for first in range(0, len(items), size):
             with self.autocast:
-                total += float(self.loss(item))
+                total += float(self.losses(items[first : first + size]).sum())
         self.set_mode(True)
         return total / len(items)
 

@@ -99,6 +99,7 @@ class IngestReport:
     encode_calls: int = 0  # sink.encode calls
     encoded_segments: int = 0  # segments passed to sink.encode
     stopped: bool = False  # True when `stop` ended the run early
+    cached_frames: int = 0  # frames whose vision features the sink reused (STC cacher) instead of running the tower
 
     def to_json(self) -> dict:
         return {
@@ -113,6 +114,7 @@ class IngestReport:
             "reused_segments": self.reused_segments,
             "gaps": [[round(a, 3), round(b, 3)] for a, b in self.gaps],
             "source": self.source,
+            "cached_frames": self.cached_frames,
         }
 
 

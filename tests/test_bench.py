@@ -1,8 +1,8 @@
 """`python bench/report.py --quick` runs the benches, and what it writes says what the README's table says.
 
 One report run (the quick modes of ingest, compressors, memory and answer; the live bench's quick mode has its own
-test in test_live_load.py) feeds every test here; `--redraw` then rebuilds the plots and table from its JSON lines.
-No timed assertions: only token counts, accounting and structure.
+test in test_live_load.py) feeds every test here, each bench's figures included; `--redraw` then rebuilds the plots
+and table from its JSON lines. No timed assertions: only token counts, accounting, detected cuts and structure.
 """
 from __future__ import annotations
 
@@ -77,6 +77,30 @@ def test_answer_bench_live_question_prefills_only_itself_when_the_window_is_warm
     assert live["warm_after_new_segment"]["cached_tokens"] > live["warm"]["cached_tokens"]
     decode = report[2]["answer"]["decode"]
     assert decode["old"]["ms_per_token"] > 0 and decode["new"]["ms_per_token"] > 0
+
+
+@pytest.mark.slow
+def test_ingest_bench_reports_decoding_the_cuts_and_the_static_scene_savings(report) -> None:
+    ingest = report[2]["ingest"]
+    videos = ingest["decode"]["videos"]
+    assert set(videos) == {"bikes.mp4", "test.mp4", "testvideo.mp4"}
+    assert all(v["decode_rtf"] > 0 and v["decode_sample_rtf"] > 0 for v in videos.values())
+    assert videos["bikes.mp4"]["cuts"] == pytest.approx([1.2, 3.04, 5.48, 7.48, 9.68], abs=0.05)
+    assert ingest["static_vs_busy"]["busy_over_static"] >= 10
+    assert "skipped" in ingest["full"] and "--model" in ingest["full"]["skipped"]
+
+
+@pytest.mark.slow
+def test_memory_bench_reports_search_latency_recall_disk_and_ram(report) -> None:
+    figures = report[2]["memory"]
+    at_10k = figures["search"]["10000"]
+    for name in ("none", "one_of_4_streams", "last_hour", "one_stream_last_day"):
+        assert at_10k[name]["p50_ms"] > 0 and at_10k[name]["p99_ms"] >= at_10k[name]["p50_ms"]
+        assert at_10k[name]["recall_at_10"] >= 0.9
+    # 245 fp16 tokens x 1152 per 4 s segment is 141 KB/s before the keyframe JPEG and the SQLite rows.
+    assert 141_000 < figures["disk"]["float16"]["bytes_per_second"] < 160_000
+    assert figures["disk"]["int8"]["bytes_per_second"] < figures["disk"]["float16"]["bytes_per_second"] * 0.6
+    assert len(figures["ram"]["rss_mb"]) == len(figures["ram"]["segments"]) > 5
 
 
 @pytest.mark.slow

@@ -75,6 +75,21 @@ def test_ingest_reports_the_contract_json(ingested, videos):
     assert all(0 < cut < duration for cut in report["cuts"])
 
 
+def test_the_feature_cache_is_on_by_default_and_stores_the_same_segments(ingested, tiny_models, videos, tmp_path,
+                                                                          capfd):
+    """testvideo.mp4 holds still stretches: by default the STC cacher reuses their frames' vision features instead of
+    running the tower again; `--no-feature-cache` runs the tower on every frame and stores the same segments."""
+    memory, cached = ingested
+    assert 0 < cached["cached_frames"] < cached["frames"]
+    result = vidmem_in_process(capfd, "ingest", str(videos["testvideo.mp4"]["file"]), "--no-feature-cache", "--json",
+                               memory=tmp_path / "memory", models=tiny_models)
+    assert result.returncode == 0, result.stderr
+    plain = json.loads(result.stdout)
+    assert plain["cached_frames"] == 0
+    assert [plain[k] for k in ("segments", "frames", "visual_tokens", "cuts")] == \
+        [cached[k] for k in ("segments", "frames", "visual_tokens", "cuts")]
+
+
 def test_ask_answers_with_cited_segments_within_the_budget(ingested, tiny_models, videos):
     memory, _ = ingested
     result = vidmem("ask", "what happens?", "--json", memory=memory, models=tiny_models)

@@ -74,8 +74,10 @@ def test_keyframe_evidence_equals_transformers_video_features_on_the_tiny_checkp
 
 @pytest.mark.slow
 def test_keyframe_evidence_equals_transformers_video_features_at_full_size(tmp_path) -> None:
-    """SigLIP-so400m less its last layer (26 layers, 1152 wide) and the 0.5B projector (1152 -> 896), random
-    weights: the real architecture's video path, loaded through the same code as a downloaded checkpoint."""
+    """SigLIP-so400m's width and patch grid (1152 wide, 27x27 patches of a 384 px frame) and the 0.5B projector
+    (1152 -> 896), random weights: the real architecture's video path, loaded through the same code as a downloaded
+    checkpoint. Six of its 26 layers: which layer's output is the evidence does not depend on the depth, and the
+    full depth cost this test half a minute of building and saving weights."""
     from checkpoints import build_tiny_llava
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -83,7 +85,7 @@ def test_keyframe_evidence_equals_transformers_video_features_at_full_size(tmp_p
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(directory)
     config = model.config
     vision = config.vision_config
-    vision.update(dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16))
+    vision.update(dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=6, num_attention_heads=16))
     config.text_config.update(dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
                                    num_key_value_heads=2))  # the LM does not touch the evidence: its depth stays small
     torch.manual_seed(0)
