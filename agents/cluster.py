@@ -542,6 +542,7 @@ class AnswerService:
     """
 
     CONCURRENCY = 16  # actor threads: questions streaming or waiting their turn, refreshes, caption flushes
+    CAPTION_BACKLOG = 10_000  # segment ids waiting for a caption; beyond, new ones stay uncaptioned (counted)
 
     def __init__(self, settings) -> None:
         from vidmem.agents.app import Vidmem
@@ -551,13 +552,14 @@ class AnswerService:
         self.app.answerer  # noqa: B018 - load the language model before the first question
         self.node = _node_id()
         self.conversation: str | None = None  # whose evidence the kept KV cache holds
-        self._writer = None  # a writable handle on the shared memory, opened by the first caption
-        # Segments to caption, in commit order, unbounded (ids only): one caption job at a time reaches the
-        # scheduler, so a question waits for at most the caption being written, never for the backlog.
-        self._captions: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = None  # a writable handle on the shared memory, opened to write the first caption
+        self._writer_lock = threading.Lock()
+        # Segments to caption, in commit order: one caption job at a time reaches the scheduler, so a question
+        # waits for at most the caption being written, never for the backlog.
+        self._captions: queue.Queue = queue.Queue(self.CAPTION_BACKLOG)
         self._captioner: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.captioned = self.caption_failures = 0
+        self.captioned = self.caption_failures = self.captions_dropped = 0
 
     def ready(self) -> str:
         """Returns once the models are loaded (the node's id)."""
@@ -628,14 +630,23 @@ class AnswerService:
                                key=("refresh", stream))
 
     # ---- captions -------------------------------------------------------------------------------------
-    def load_caption_embedder(self) -> None:
-        """Load the caption embedder now, so a missing one fails `ingest --captions` before any segment."""
+    def prepare_captions(self) -> None:
+        """Load the caption embedder and open the memory for writing now, so that a missing embedder or an
+        unwritable memory fails `ingest --captions` before any segment."""
         self.app.caption_embedder  # noqa: B018 - loads on access
+        self._open_writer()
 
     def caption(self, segment_id: int) -> None:
-        """Describe a committed segment and store its caption, after questions and refreshes; returns at once."""
-        self._captions.put(segment_id)
+        """Describe a committed segment and store its caption, after questions and refreshes; returns at once.
+        With the backlog full (ingest far ahead of the language model) the segment stays without a caption."""
         self._start_captioner()
+        try:
+            self._captions.put_nowait(segment_id)
+        except queue.Full:
+            self.captions_dropped += 1
+            if self.captions_dropped % 1000 == 1:
+                log.warning("%d segments waiting for a caption: %d newer ones left without", self.CAPTION_BACKLOG,
+                            self.captions_dropped)
 
     def captions_done(self) -> dict:
         """Wait until every caption queued before this call is stored (or has failed); the replica's counts."""
@@ -643,7 +654,8 @@ class AnswerService:
         self._captions.put(marker)
         self._start_captioner()
         marker.wait()
-        return {"captioned": self.captioned, "failed": self.caption_failures, "node": self.node}
+        return {"captioned": self.captioned, "failed": self.caption_failures, "dropped": self.captions_dropped,
+                "node": self.node}
 
     def _start_captioner(self) -> None:
         with self._lock:
@@ -658,23 +670,39 @@ class AnswerService:
                 item.set()
                 continue
             try:
-                self.app.scheduler.run(Priority.CAPTION, functools.partial(self._caption, item))
+                writer = self._open_writer()  # here, not on the model thread: opening may wait and retry
+                self.app.scheduler.run(Priority.CAPTION, functools.partial(self._caption, item, writer))
             except Exception as exc:  # noqa: BLE001 - the segment is committed; it only stays without a caption
                 self.caption_failures += 1
                 log.warning("segment %s stays without a caption: %s", item, exc)
             else:
                 self.captioned += 1
 
-    def _caption(self, segment_id: int) -> None:
+    def _caption(self, segment_id: int, writer) -> None:
         """On the model thread: the caption of one segment, stored through the writable handle."""
+        row = writer.get_segment(segment_id)
+        if row is not None:  # else deleted (retention) before its turn
+            self.app.caption(row, memory=writer)
+
+    def _open_writer(self, attempts: int = 3):
+        """The writable handle on the shared memory, opened once. Opening creates what is missing and can meet
+        another writer's transaction (PostgreSQL then reports a deadlock and aborts one side): it is tried again."""
+        from vidmem.errors import MemoryStoreError
         from vidmem.memory import Memory
 
-        if self._writer is None:
-            settings = self.app.settings
-            self._writer = Memory.open(settings.memory, token_dtype=settings.token_dtype)
-        row = self._writer.get_segment(segment_id)
-        if row is not None:  # else deleted (retention) before its turn
-            self.app.caption(row, memory=self._writer)
+        with self._writer_lock:
+            for attempt in range(attempts):
+                if self._writer is not None:
+                    break
+                try:
+                    settings = self.app.settings
+                    self._writer = Memory.open(settings.memory, token_dtype=settings.token_dtype)
+                except MemoryStoreError as exc:
+                    if attempt + 1 == attempts:
+                        raise
+                    log.warning("opening the memory to write captions, again in 1 s: %s", exc)
+                    time.sleep(1.0)
+            return self._writer
 
 
 @contextlib.contextmanager
@@ -730,14 +758,15 @@ class Answerers:
                 try:
                     on_token(item)
                 except BaseException:  # e.g. the server is stopping: the replica stops at its next token
-                    ray.cancel(pieces)
+                    with contextlib.suppress(Exception):  # the listener's error is the one to raise
+                        ray.cancel(pieces)
                     raise
         raise VidmemError("the answer replica ended the answer without its result")
 
     def prepare_captions(self) -> None:
-        """Load the caption embedder on every replica (one clear error now when it is missing)."""
+        """Ready every replica to caption (one clear error now when the caption embedder is missing)."""
         with _replica_errors():
-            _ray().get([replica.load_caption_embedder.remote() for replica in self.replicas])
+            _ray().get([replica.prepare_captions.remote() for replica in self.replicas])
 
 
 def _answerer_name(settings, index: int) -> str:
