@@ -108,9 +108,11 @@ def stored_objects(s3: S3Server, url: str) -> dict[str, int]:
             and p.name.isdigit()}
 
 
-def test_ingest_and_ask_run_in_separate_processes_on_tokens_in_an_object_store(s3_url, s3, tiny_models,
-                                                                              videos) -> None:
-    result = vidmem("ingest", str(videos["test.mp4"]["file"]), "--json", memory=s3_url, models=tiny_models)
+def test_ingest_and_ask_run_in_separate_processes_on_tokens_in_an_object_store(s3_url, s3, tiny_models, videos,
+                                                                              capfd) -> None:
+    # `vidmem ingest` here (the CLI's main), `vidmem ask` in a process of its own: it reads what ingest stored.
+    result = vidmem_in_process(capfd, "ingest", str(videos["test.mp4"]["file"]), "--fps", "0.5", "--json",
+                               memory=s3_url, models=tiny_models)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["segments"] >= 2
