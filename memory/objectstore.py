@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import threading
 from collections import OrderedDict
 from urllib.parse import urlsplit
@@ -44,7 +45,7 @@ class ObjectTokens:
         self.readonly = readonly
         config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=60,
                         retries={"max_attempts": 3, "mode": "standard"},
-                        s3={"addressing_style": "path"} if endpoint else None)
+                        s3={"addressing_style": "path"} if endpoint or _endpoint_from_environment() else None)
         session = boto3.session.Session()
         self._client = session.client("s3", endpoint_url=endpoint, config=config,
                                       region_name=session.region_name or "us-east-1")
@@ -233,6 +234,11 @@ class ObjectTokens:
         with self._lock:
             self._pieces.clear()
         self._client.close()
+
+
+def _endpoint_from_environment() -> str | None:
+    """The endpoint boto3 takes from the standard variables when the memory URL names none."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def _chunk(key: str) -> int | None:

@@ -129,11 +129,13 @@ def test_ingest_and_ask_run_in_separate_processes_on_tokens_in_an_object_store(s
         assert memory.disk_bytes("test") == sum(objects.values())
 
 
-def test_token_bytes_and_keyframes_read_back_as_written(s3_url, s3, postgres) -> None:  # noqa: F811
+def test_token_bytes_and_keyframes_read_back_as_written(s3_url, s3, postgres, monkeypatch) -> None:  # noqa: F811
     with Memory.open(s3_url, chunk_bytes=64 << 10) as writer:
         stored = fill(writer, 21, n=8)
         assert isinstance(writer, SharedMemory) and isinstance(writer._files, ObjectTokens)
-    with Memory.open(s3_url, readonly=True) as reader:  # a fresh reader: nothing cached
+    # A fresh reader (nothing cached) finds the store through the standard AWS_ENDPOINT_URL variable.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    with Memory.open(s3_url.replace(f"&s3_endpoint={s3.endpoint}", ""), readonly=True) as reader:
         for (stream, start), (tokens, _) in stored.items():
             row = [r for r in reader.segments(stream=stream) if r.start == start][0]
             np.testing.assert_array_equal(reader.read_tokens(row), tokens)
