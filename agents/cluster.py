@@ -6,6 +6,11 @@
   (stream/), sends segments to the encoder pool and commits the results to the shared memory itself. Ray restarts
   an actor whose node is lost on another node (`max_restarts=-1`) and retries its `run` (`max_task_retries=-1`):
   the new run resumes after the stream's last committed segment, so nothing committed is lost or stored twice.
+  `ingest --ray` and `monitor --ray` run every source this way. A monitor's sources (`ClusterSources`) also get
+  each frame's CLIP embedding back from the encoder and send the monitor, through a Ray queue, the committed
+  rows with those (T, E) embeddings and their state changes, never frames; `stop()` ends a run after its segment
+  in flight. The websocket server's sources stay in the front-end process, where the browsers' frames arrive
+  (`ClusterVidmem.ingest`: decoded there, encoded on the pool).
 - **Encoding.** `EncoderService` actors hold the vision tower, the compressor and the retrieval embedder, one per
   device (a GPU, or a share of one with `gpus_per_encoder`). Requests from every stream that arrive within
   `batch_wait_s` go through the models together (up to `batch_segments`), so a device sees full batches even
@@ -22,11 +27,14 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
 import time
 import warnings
 import zlib
 from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from vidmem.errors import ConfigError, VidmemError
 
@@ -111,7 +119,7 @@ class EncoderService:
         self.app.load_models()
         self.batch_segments = batch_segments
         self.batch_wait_s = batch_wait_s
-        self._pending: list[tuple[list, asyncio.Future]] = []
+        self._pending: list[tuple[list, asyncio.Future, bool]] = []  # (segments, result, frame embeddings wanted)
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self.calls = self.segments = self.batches = 0
@@ -125,16 +133,31 @@ class EncoderService:
 
     async def encode(self, segments: list) -> list:
         """EncodedSegments for `segments` (in order), computed in a batch with other streams' segments."""
+        return await self._submit(segments, False)
+
+    async def encode_watched(self, segments: list) -> list:
+        """(EncodedSegment, (T, E) float32 CLIP embeddings of its T frames) for each of `segments`, in order: what a
+        monitor's source sends its rules, so that no frame travels further than this encoder."""
+        return await self._submit(segments, True)
+
+    async def _submit(self, segments: list, frames: bool) -> list:
         loop = asyncio.get_running_loop()
         if self._runner is None or self._runner.done():
             self._wake = asyncio.Event()
             self._runner = loop.create_task(self._run())
         future = loop.create_future()
-        self._pending.append((segments, future))
+        self._pending.append((segments, future, frames))
         self.calls += 1
         assert self._wake is not None
         self._wake.set()
         return await future
+
+    def _encode_batch(self, sink, flat: list, watched: list) -> tuple[list, np.ndarray | None]:
+        """The batch's EncodedSegments, and the frame embeddings of the `watched` segments ((sum T, E) float32)."""
+        encoded = sink.encode(flat)
+        images = [frame.image for segment in watched for frame in segment.frames]
+        vectors = np.asarray(self.app.embedder.embed_images(images), dtype=np.float32) if images else None
+        return encoded, vectors
 
     async def _run(self) -> None:
         from vidmem.agents.app import MemorySink
@@ -148,22 +171,30 @@ class EncoderService:
             while self._pending:
                 batch, taken = [], 0
                 while self._pending and (not batch or taken + len(self._pending[0][0]) <= self.batch_segments):
-                    segments, future = self._pending.pop(0)
-                    batch.append((segments, future))
+                    segments, future, frames = self._pending.pop(0)
+                    batch.append((segments, future, frames))
                     taken += len(segments)
-                flat = [segment for segments, _ in batch for segment in segments]
+                flat = [segment for segments, _, _ in batch for segment in segments]
+                watched = [segment for segments, _, frames in batch if frames for segment in segments]
                 try:
-                    encoded = await asyncio.to_thread(sink.encode, flat)
+                    encoded, vectors = await asyncio.to_thread(self._encode_batch, sink, flat, watched)
                 except Exception as exc:  # noqa: BLE001 - each caller gets the error, the service keeps serving
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         future.set_exception(exc)
                     continue
                 self.batches += 1
                 self.segments += len(flat)
-                offset = 0
-                for segments, future in batch:
-                    future.set_result(encoded[offset:offset + len(segments)])
+                offset = row = 0  # into `encoded` and into the rows of `vectors`
+                for segments, future, frames in batch:
+                    result = encoded[offset:offset + len(segments)]
                     offset += len(segments)
+                    if frames:
+                        split = []
+                        for segment, item in zip(segments, result):
+                            split.append((item, vectors[row:row + len(segment)]))  # (T, E)
+                            row += len(segment)
+                        result = split
+                    future.set_result(result)
 
 
 def encoder_pool(settings, options: ClusterOptions) -> list:
@@ -218,6 +249,36 @@ class _RemoteSink:
             self.app.memory.extend_segment(last.id, end=segment.end, frames=last.frames + len(segment))
 
 
+class _WatchedSink(_RemoteSink):
+    """A monitor's source: also gets each segment's frame embeddings from the encoder, for the monitor's rules.
+
+    `on_watched(row, vectors)` is called after each commit with the committed row and the (T, E) float32 CLIP
+    embeddings of its T frames.
+    """
+
+    def __init__(self, app, stream: str, encoder, resume_after: float | None, on_watched) -> None:
+        super().__init__(app, stream, encoder, resume_after, on_segment=self._committed)
+        self.on_watched = on_watched
+        self._vectors: dict[int, np.ndarray] = {}  # id(segment) -> its frames' embeddings, until committed
+
+    def encode(self, segments: list) -> list:
+        ray = _ray()
+        todo = [s for s in segments if not self._done(s)]
+        results = iter(ray.get(self.encoder.encode_watched.remote(todo)) if todo else [])
+        out = []
+        for segment in segments:
+            if self._done(segment):
+                out.append(None)
+                continue
+            encoded, vectors = next(results)
+            self._vectors[id(segment)] = vectors
+            out.append(encoded)
+        return out
+
+    def _committed(self, row, segment) -> None:
+        self.on_watched(row, self._vectors.pop(id(segment)))
+
+
 class _Paced:
     """A file source delivering its frames at `speed` times real time (recordings replayed as cameras)."""
 
@@ -247,22 +308,43 @@ class _Paced:
 
 
 class SourceWorker:
-    """One source on any node: decode and segment it, encode on the pool, commit to the shared memory."""
+    """One source on any node: decode and segment it, encode on the pool, commit to the shared memory.
+
+    A monitor's sources also get a `feed` (a Ray queue): the worker puts ("segment", stream, row, (T, E) frame
+    embeddings) after each commit and ("status", stream, SourceStatus, node) on each state change, never frames.
+    The actor is threaded (two calls at a time), so `stop()` reaches it while `run()` ingests.
+    """
 
     def __init__(self, settings, stream: str, source: str, ingest_options, encoder,
-                 replay_speed: float | None) -> None:
+                 replay_speed: float | None, backoff=None, feed=None, feed_wait: float = 30.0) -> None:
         self.settings, self.stream, self.source = settings, stream, source
         self.ingest_options, self.encoder, self.replay_speed = ingest_options, encoder, replay_speed
+        self.backoff = backoff  # how a camera reconnects (stream.Backoff); None: open_source's default
+        self.feed, self.feed_wait = feed, feed_wait
+        self.fed = self.unfed = 0  # messages put on the feed, and dropped after waiting `feed_wait` for room
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._stop: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     def where(self) -> str:
         return _node_id()
 
+    def stop(self) -> None:
+        """End the run: stop reading, commit the segment in flight, return the report (`ingest`'s `stop`)."""
+        with self._lock:
+            self._stopping = True
+            if self._stop is not None:
+                loop, event = self._stop
+                try:
+                    loop.call_soon_threadsafe(event.set)
+                except RuntimeError:  # the run's loop has closed: it is over already
+                    pass
+
     def run(self) -> dict:
-        """Ingest the source to its end; after a restart, resume after the last committed segment."""
+        """Ingest the source to its end (or `stop`); after a restart, resume after the last committed segment."""
         from vidmem.agents.app import Vidmem
         from vidmem.memory import Manifest
         from vidmem.stream import IngestOptions, open_source
-        from vidmem.stream.ingest import ingest
 
         ray = _ray()
         app = Vidmem(self.settings)
@@ -271,33 +353,130 @@ class SourceWorker:
             memory.bind(Manifest.from_dict(ray.get(self.encoder.manifest.remote())))
             last = memory.last_segment(self.stream) if memory.has_stream(self.stream) else None
             resume = last.end if last is not None else None
-            sink = _RemoteSink(app, self.stream, self.encoder, resume)
-            source = open_source(self.source)
+            if self.feed is not None:
+                sink: _RemoteSink = _WatchedSink(app, self.stream, self.encoder, resume, self._segment)
+            else:
+                sink = _RemoteSink(app, self.stream, self.encoder, resume)
+            source = open_source(self.source, backoff=self.backoff) if self.backoff else open_source(self.source)
             if self.replay_speed:
                 source = _Paced(source, self.replay_speed, skip_until=resume)
-            report = asyncio.run(ingest(source, sink, stream=self.stream, options=self.ingest_options or IngestOptions()))
+            app.watch_source(source, self.stream, self._status if self.feed is not None else None)
+            report = asyncio.run(_ingest_until_stopped(self, source, sink, self.ingest_options or IngestOptions()))
         finally:
             app.close()
         out = report.to_json()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        out.update(node=_node_id(), resumed_after=resume, skipped=sink.skipped, restarted=restarted)
+        out.update(node=_node_id(), resumed_after=resume, skipped=sink.skipped, restarted=restarted,
+                   stopped=report.stopped, fed=self.fed, unfed=self.unfed)
         return out
+
+    def _put(self, message: tuple) -> None:
+        try:
+            self.feed.put(message, timeout=self.feed_wait)
+            self.fed += 1
+        except Exception as exc:  # noqa: BLE001 - full for too long, or the monitor has gone: ingest goes on
+            self.unfed += 1
+            log.warning("source %s: the monitor did not take a %s message within %.0f s (%s)", self.stream,
+                        message[0], self.feed_wait, type(exc).__name__)
+
+    def _segment(self, row, vectors: np.ndarray) -> None:
+        self._put(("segment", self.stream, row, vectors))
+
+    def _status(self, stream: str, status) -> None:
+        self._put(("status", stream, status, _node_id()))
+
+
+async def _ingest_until_stopped(worker: SourceWorker, source, sink, options):
+    """`worker.stop()` sets the ingest loop's `stop` from another thread. (Not a method: an actor with a coroutine
+    method would be an asyncio actor, whose blocking `run` would keep `stop` waiting.)"""
+    from vidmem.stream.ingest import ingest
+
+    stop = asyncio.Event()
+    with worker._lock:
+        worker._stop = (asyncio.get_running_loop(), stop)
+        if worker._stopping:
+            stop.set()
+    return await ingest(source, sink, stream=worker.stream, options=options, stop=stop)
 
 
 def start_sources(settings, sources: dict[str, str], *, ingest_options=None, options: ClusterOptions = ClusterOptions(),
-                  encoders: list | None = None) -> dict[str, Any]:
-    """A SourceWorker actor per source, spread over the nodes; returns {stream: actor handle}."""
+                  encoders: list | None = None, backoff=None, feed=None, feed_wait: float = 30.0) -> dict[str, Any]:
+    """A SourceWorker actor per source, spread over the nodes; returns {stream: actor handle}.
+
+    `backoff`: how camera sources reconnect; `feed`: the monitor's queue for committed segments and states.
+    """
     ray = _ray()
     check_settings(settings)
     encoders = encoders or encoder_pool(settings, options)
     remote = ray.remote(SourceWorker).options
     # Round-robin over the encoders: each gets an even share of the streams (a hash of the names need not).
     return {stream: remote(max_restarts=-1, max_task_retries=-1, num_cpus=options.cpus_per_source,
-                           scheduling_strategy="SPREAD").remote(
-                settings, stream, url, ingest_options, encoders[i % len(encoders)], options.replay_speed)
+                           scheduling_strategy="SPREAD", max_concurrency=2).remote(
+                settings, stream, url, ingest_options, encoders[i % len(encoders)], options.replay_speed,
+                backoff=backoff, feed=feed, feed_wait=feed_wait)
             for i, (stream, url) in enumerate(sources.items())}
+
+
+class ClusterSources:
+    """A monitor's sources as SourceWorker actors: what they commit and report, as messages in the monitor.
+
+    `messages(stop)` yields, in the order each source sent them:
+    ("segment", stream, row, (T, E) float32 frame embeddings), ("status", stream, SourceStatus, node id), and
+    ("finished", stream, report dict or None, VidmemError or None) once a source's run has ended. Setting `stop`
+    asks every actor to stop (each commits its segment in flight); the messages go on until every run has ended.
+    `close()` kills what is left. Frames never leave the source's node: only rows and embeddings travel.
+    """
+
+    def __init__(self, settings, sources: dict[str, str], *, encoders: list, options: ClusterOptions, ingest_options,
+                 backoff, queue_size: int = 64, feed_wait: float = 30.0) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(queue_size, actor_options={"num_cpus": 0})
+        self.actors = start_sources(settings, sources, ingest_options=ingest_options, options=options,
+                                    encoders=encoders, backoff=backoff, feed=self.queue, feed_wait=feed_wait)
+        self.runs = {stream: actor.run.remote() for stream, actor in self.actors.items()}
+
+    async def messages(self, stop: asyncio.Event):
+        waits = [asyncio.create_task(self._finished(stream, run)) for stream, run in self.runs.items()]
+        stopping = asyncio.create_task(self._stop_on(stop))
+        running = set(self.runs)
+        try:
+            while running:
+                message = await self.queue.get_async()
+                if message[0] == "finished":
+                    running.discard(message[1])
+                yield message
+        finally:
+            for task in (*waits, stopping):
+                task.cancel()
+            await asyncio.gather(*waits, stopping, return_exceptions=True)
+
+    async def _stop_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        for actor in self.actors.values():
+            actor.stop.remote()
+
+    async def _finished(self, stream: str, run) -> None:
+        """Once the run has ended: its last message, after everything it sent (it waited for each put)."""
+        ray = _ray()
+        report = error = None
+        try:
+            report = await run
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            error = cause if isinstance(cause, VidmemError) else \
+                VidmemError(f"the source actor failed: {str(exc).strip().splitlines()[-1]}")
+        except ray.exceptions.RayError as exc:
+            error = VidmemError(f"the source actor was lost: {type(exc).__name__}")
+        await self.queue.put_async(("finished", stream, report, error))
+
+    def close(self) -> None:
+        ray = _ray()
+        for actor in self.actors.values():
+            ray.kill(actor)
+        ray.kill(self.queue.actor)
 
 
 def ingest(settings, sources: dict[str, str], *, address: str, ingest_options=None,
@@ -410,14 +589,16 @@ def _cluster_app_class():
     class ClusterVidmem(Vidmem):
         """A Vidmem whose encoding runs on the encoder pool and whose questions run on the answer replicas.
 
-        Sources stay in the front-end (websocket frames arrive there; the monitor's rules watch each commit) and
-        commit to the shared memory; a live stream's questions always reach the replica keeping its window.
+        The websocket server's sources stay in the front-end (browser frames arrive there) and commit to the shared
+        memory through `ingest`; the monitor's run as actors (`watch_sources`). A live stream's questions always
+        reach the replica keeping its window.
         """
 
         def __init__(self, settings, *, address: str, readonly: bool, options: ClusterOptions) -> None:
             super().__init__(settings, readonly=readonly)
             check_settings(settings)
             connect(address)
+            self.options = options
             self.encoders = encoder_pool(settings, options)
             self.answerers = Answerers(settings, options)
 
@@ -439,6 +620,13 @@ def _cluster_app_class():
             sink = _RemoteSink(self, stream, encoder, None, on_segment=on_segment)
             return await ingest(source, sink, stream=stream, options=options or IngestOptions(), progress=progress,
                                 stop=stop)
+
+        def watch_sources(self, sources: dict[str, str], *, ingest_options, backoff, queue_size: int = 64,
+                          feed_wait: float = 30.0) -> ClusterSources:
+            """`monitor --ray`: each source as an actor on any node, reporting to this process (ClusterSources)."""
+            return ClusterSources(self.settings, sources, encoders=self.encoders, options=self.options,
+                                  ingest_options=ingest_options, backoff=backoff, queue_size=queue_size,
+                                  feed_wait=feed_wait)
 
         def refresh_live(self, stream: str) -> None:
             """The live window is kept on the replica that answers the stream's questions."""

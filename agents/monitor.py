@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -179,7 +180,9 @@ class RecentNames:
 class Monitor:
     """Watch rules, questions and triggers over MQTT for one vidmem deployment.
 
-    `run(stop)` connects, ingests the given sources and serves until `stop` is set. The live server attaches
+    `run(stop)` connects, ingests the given sources and serves until `stop` is set. With an app on a Ray cluster
+    (`monitor --ray`: one with `watch_sources`), the sources run as actors there and send back their committed
+    rows with the frames' embeddings, scored here all the same (`_ingest_on_cluster`). The live server attaches
     it without sources: it calls `on_segment(row, segment)` for each committed segment of its websocket
     streams (any thread) and passes `on_event(stream, event_message)` to hear about events.
     """
@@ -237,12 +240,15 @@ class Monitor:
         """Make a stream known (the live server does when a camera connects), so rules may be set for it."""
         self.streams.add(name)
 
-    def on_source_status(self, stream: str, status) -> None:
-        """A source's state changed (any thread): publish it, retained, on `<prefix>/<stream>/state`."""
+    def on_source_status(self, stream: str, status, node: str | None = None) -> None:
+        """A source's state changed (any thread): publish it, retained, on `<prefix>/<stream>/state` (with the Ray
+        node that runs the source, for `monitor --ray`)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         body = status.to_json()
+        if node is not None:
+            body["node"] = node
         try:
             loop.call_soon_threadsafe(self._publish, self.topics.source_state(stream), body, True)
         except RuntimeError:  # the loop closed meanwhile
@@ -258,7 +264,7 @@ class Monitor:
         loop = self._loop
         if loop is None or self._segments is None or loop.is_closed():
             return
-        item = (row, [frame.image for frame in segment.frames])  # every frame: a rule scores the whole segment
+        item = (row, [frame.image for frame in segment.frames], None)  # every frame: a rule scores the whole segment
         if _on_loop_thread(loop):
             self._put_segment_nowait(item)
             return
@@ -301,8 +307,11 @@ class Monitor:
                     self._publish_rules_state(stream)
                 tasks.append(asyncio.create_task(self._score_loop(), name="mqtt-score"))
                 tasks.append(asyncio.create_task(self._work_loop(), name="mqtt-work"))
-                for name, source in self.sources.items():
-                    ingests.append(asyncio.create_task(self._ingest(name, source, stop), name=f"ingest-{name}"))
+                if self.sources and hasattr(self.app, "watch_sources"):  # monitor --ray: sources as actors
+                    ingests.append(asyncio.create_task(self._ingest_on_cluster(stop), name="ingest-cluster"))
+                else:
+                    for name, source in self.sources.items():
+                        ingests.append(asyncio.create_task(self._ingest(name, source, stop), name=f"ingest-{name}"))
                 self.ready.set()
                 await stop.wait()
         finally:
@@ -517,28 +526,34 @@ class Monitor:
 
     async def _score_loop(self) -> None:
         while True:
-            row, images = await self._segments.get()
-            if row == "close":  # a source finished: end its open events once its segments are scored
-                for tracker in list(self.trackers.get(images, {}).values()):
-                    for change in tracker.close():
-                        await self._emit(change)
-                continue
-            if not self.trackers.get(row.stream):
-                continue
+            row, images, vectors = await self._segments.get()  # (row, frame images or None, (T, E) or None)
             try:
-                await self._score(row, images)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.exception("MQTT: scoring segment %s failed", row.id)
-                self._error(f"{self.options.prefix}/{row.stream}", "internal", f"scoring a segment failed: {exc}")
+                if row == "close":  # a source finished: end its open events once its segments are scored
+                    for tracker in list(self.trackers.get(images, {}).values()):
+                        for change in tracker.close():
+                            await self._emit(change)
+                    continue
+                if not self.trackers.get(row.stream):
+                    continue
+                try:
+                    await self._score(row, images, vectors)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.exception("MQTT: scoring segment %s failed", row.id)
+                    self._error(f"{self.options.prefix}/{row.stream}", "internal", f"scoring a segment failed: {exc}")
+            finally:
+                self._segments.task_done()  # `join` waits for the segments queued so far (monitor --ray's stop)
 
-    async def _score(self, row, images: list[np.ndarray]) -> None:
+    async def _score(self, row, images: list[np.ndarray] | None, vectors: np.ndarray | None = None) -> None:
         """CLIP similarity of each rule's condition with every frame of the segment (its best frame counts: an
-        object seen in one of them is in the segment); VLM verification of candidates if asked."""
+        object seen in one of them is in the segment); VLM verification of candidates if asked.
+
+        The frames come as images (embedded here) or, from a source actor on a cluster, already embedded by the
+        encoder pool as `vectors` (T, E)."""
         trackers = list(self.trackers.get(row.stream, {}).values())
         conditions = [t.rule.condition for t in trackers]
-        image_vecs, text_vecs = await asyncio.to_thread(self._embed, images, conditions)
+        image_vecs, text_vecs = await asyncio.to_thread(self._embed, images, conditions, vectors)
         self.stats["segments_scored"] += 1
         for tracker, text_vec in zip(trackers, text_vecs):
             if self.trackers.get(row.stream, {}).get(tracker.rule.id) is not tracker:
@@ -555,10 +570,13 @@ class Monitor:
                                           probability=probability):
                 await self._emit(change)
 
-    def _embed(self, images: list[np.ndarray], conditions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _embed(self, images: list[np.ndarray] | None, conditions: list[str],
+               vectors: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         embedder = self.app.embedder
         with self._embed_lock:  # one embedder call at a time from the monitor (the ingest worker has its own)
-            image_vecs = np.asarray(embedder.embed_images(images), dtype=np.float32)  # (T, E)
+            if vectors is None:
+                vectors = embedder.embed_images(images)
+            image_vecs = np.asarray(vectors, dtype=np.float32)  # (T, E)
             missing = [c for c in dict.fromkeys(conditions) if c not in self._text_cache]
             if missing:
                 if len(self._text_cache) > 256:  # conditions come and go with rule edits: keep it bounded
@@ -604,7 +622,38 @@ class Monitor:
             self._error(f"{self.options.prefix}/{name}", exc.code, f"source '{name}': {exc}")
         finally:
             if not stop.is_set():
-                await self._segments.put(("close", name))
+                await self._segments.put(("close", name, None))
+
+    async def _ingest_on_cluster(self, stop: asyncio.Event) -> None:
+        """`monitor --ray`: every source runs as an actor on any node of the cluster (agents/cluster.py) and sends
+        back its committed rows with their frames' embeddings and its state changes, scored and published here as
+        a local source's. On `stop` the actors commit their segment in flight; this returns once those are scored."""
+        from vidmem.stream import IngestOptions
+
+        sources = await asyncio.to_thread(
+            self.app.watch_sources, {name: str(url) for name, url in self.sources.items()},
+            ingest_options=IngestOptions(fps=self.options.fps), backoff=self.source_backoff(),
+            queue_size=self.options.segment_queue, feed_wait=self.options.segment_wait)
+        try:
+            async with contextlib.aclosing(sources.messages(stop)) as messages:
+                async for kind, name, *rest in messages:
+                    if kind == "segment":
+                        await self._segments.put((rest[0], None, rest[1]))  # waits for room; so does the actor
+                    elif kind == "status":
+                        self.on_source_status(name, rest[0], node=rest[1])
+                    elif kind == "finished":
+                        report, error = rest
+                        if error is not None:
+                            log.error("source %s failed: %s", name, error)
+                            self._error(f"{self.options.prefix}/{name}", error.code, f"source '{name}': {error}")
+                        else:
+                            log.info("source %s finished on node %s: %d segments, %.1f s of video", name,
+                                     report["node"], report["segments"], report["video_seconds"])
+                        if not stop.is_set():
+                            await self._segments.put(("close", name, None))
+            await self._segments.join()  # the segments committed before the stop are scored before events close
+        finally:
+            await asyncio.to_thread(sources.close)
 
     def source_backoff(self):
         """How the monitor's cameras reconnect: forever, from the first connection on (a camera may be down when
@@ -775,6 +824,9 @@ def monitor_main(args, settings) -> int:
     sources = {name: open_source(url, backoff=backoff) for name, url in specs.items()}  # a missing file fails here
     asyncio.run(probe_broker(parse_mqtt_url(args.mqtt, ca_file=ca_file, insecure=insecure), options))
     app = open_app(settings, address=getattr(args, "ray", None))  # --ray: on the cluster
+    if hasattr(app, "watch_sources"):  # each source runs as an actor on the cluster, which opens it there
+        asyncio.run(_close_all(sources.values()))
+        sources = {name: _node_independent(url) for name, url in specs.items()}
     monitor = Monitor(app, args.mqtt, prefix=options.prefix, rules=rules, sources=sources, options=options,
                       ca_file=ca_file, insecure=insecure)
 
@@ -783,3 +835,14 @@ def monitor_main(args, settings) -> int:
         return 0
 
     return run_service(app, main, exit_process=True)
+
+
+async def _close_all(sources) -> None:
+    await asyncio.gather(*(source.aclose() for source in sources))
+
+
+def _node_independent(spec: str) -> str:
+    """A source as every node of a cluster names it: a relative file path made absolute (on shared storage)."""
+    if "://" in spec or spec.startswith(("camera:", "/dev/")):
+        return spec
+    return str(Path(spec).resolve())

@@ -3,7 +3,8 @@
 Starts PostgreSQL, Milvus Lite and a two-node Ray cluster (ray.cluster_utils), ingests 4 streams as source
 actors, removes the worker node once a stream on it has committed segments, waits for every stream to finish,
 asks from separate processes (plain `vidmem ask --memory URL`, and `vidmem ask --ray` twice in one conversation),
-and prints one JSON object of what it saw. The test makes the assertions.
+runs `vidmem monitor --ray` with a file and a camera as source actors against a real Mosquitto and stops it with
+SIGTERM, and prints one JSON object of what it saw. The test makes the assertions.
 
     python3 tests/cluster_scenario.py VIDEO LLAVA_DIR CLIP_DIR WORK_DIR
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -53,6 +56,164 @@ def vidmem(*args: str, env: dict) -> dict:
 
 def fingerprint(memory, row) -> int:
     return zlib.crc32(memory.read_tokens(row).tobytes())
+
+
+# ---- `vidmem monitor --ray`: its sources as actors on the cluster ---------------------------------------------
+CAMERA_SECONDS = 120.0  # the camera streams longer than the monitor runs: SIGTERM lands mid-stream
+
+
+class PacedCamera:
+    """An HTTP camera on loopback: an MPEG-TS stream delivered at real time (down until `boot()`)."""
+
+    def __init__(self, folder: Path) -> None:
+        from services import free_port
+
+        from vidmem.stream.synth import busy_scene, write_video
+
+        feed = folder / "camera.ts"
+        write_video(feed, busy_scene(int(CAMERA_SECONDS * 5), fps=5, width=160, height=96), fps=5)
+        self.body, self.port, self.server = feed.read_bytes(), free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}/cam.ts"
+
+    def boot(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body, rate = self.body, len(self.body) / CAMERA_SECONDS  # bytes per second of video
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp2t")
+                self.end_headers()
+                started, sent = time.monotonic(), 0
+                try:
+                    while sent < len(body):
+                        due = min(len(body), int((time.monotonic() - started + 0.5) * rate))  # 0.5 s ahead
+                        self.wfile.write(body[sent:due])
+                        self.wfile.flush()
+                        sent = due
+                        time.sleep(0.1)
+                except OSError:  # the source hung up
+                    pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+class Background(threading.Thread):
+    """`call(*args)` in a thread, started now; `result` waits for what it returned (or raises what it raised)."""
+
+    def __init__(self, call, *args) -> None:
+        super().__init__(daemon=True)
+        self.call, self.args, self.value, self.error = call, args, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.call(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
+            self.error = exc
+
+    def result(self, timeout: float):
+        self.join(timeout)
+        if self.is_alive():
+            raise SystemExit(f"{getattr(self.call, '__name__', 'a step')} did not finish within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict) -> dict:
+    """`vidmem monitor --ray` with a file and a camera that is down at first, both as source actors; a watch rule on
+    each; everything it publishes collected over MQTT from a real Mosquitto; SIGTERM once the camera's stream has
+    committed segments; then what the memory holds."""
+    from test_mqtt_monitor import Broker, Watcher
+
+    from vidmem.memory import Memory
+
+    broker, camera = Broker(work / "broker"), PacedCamera(work)
+    rules = work / "rules.yaml"
+    rules.write_text("rules:\n" + "".join(f"  - stream: {s}\n    id: anything\n    condition: a person walking\n"
+                                          "    threshold: -1\n    cooldown: 0\n" for s in ("porch", "door")))
+    # --device cpu: the models of the scenario's encoder and answer actors, so the monitor shares them
+    command = [sys.executable, "-m", "vidmem", "monitor", "--mqtt", broker.url(), "--rules", str(rules),
+               "--source", f"porch={video}", "--source", f"door={camera.url}", "--fps", str(FPS),
+               "--source-backoff-max", "1", "--memory", url, "--device", "cpu", "--ray", address]
+    out: dict = {"timeline": {}}
+    started = time.monotonic()
+
+    def mark(what: str) -> None:
+        out["timeline"][what] = round(time.monotonic() - started, 1)
+
+    async def watch() -> None:
+        async with Watcher(broker.port) as w:
+            log = (work / "monitor.log").open("w")
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+            STARTED.append(process)  # killed by main() on the way out if it fails first
+            try:
+                # the camera is down: its actor keeps knocking (the monitor's backoff reached it), then it boots
+                await w.wait(lambda: any(m["state"] == "reconnecting" and m["attempts"] >= 2
+                                         for m in w.on("vidmem/door/state")), "the camera's actor knocking", 180)
+                mark("knocking")
+                camera.boot()
+                await w.wait(lambda: len(w.events(stream="door", rule="anything")) >= 2, "two scored door segments",
+                             120)
+                mark("door scored")
+                await w.wait(lambda: any(m["type"] == "end" for m in w.events(stream="porch")), "porch's end", 120)
+                mark("porch ended")
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    out["timed_out"] = True
+                    process.kill()
+                mark("exited")
+                await w.wait(lambda: w.on("vidmem/available")[-1:] == ["offline"], "offline", 10)
+                await asyncio.sleep(0.5)  # the last retained messages reach the watcher
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+                log.close()
+                out["rc"], out["stderr"] = process.returncode, (work / "monitor.log").read_text()[-3000:]
+            out["states"] = {s: w.on(f"vidmem/{s}/state") for s in ("porch", "door")}
+            out["events"] = {s: [[m["type"], m["event"]["end_time"]] for m in w.events(stream=s, rule="anything")]
+                             for s in ("porch", "door")}
+            out["available"] = w.on("vidmem/available")
+
+    broker.start()
+    try:
+        asyncio.run(watch())
+    finally:
+        camera.stop()
+        broker.stop()
+    with Memory.open(url, readonly=True) as memory:
+        out["rows"] = {s: [[r.start, r.end] for r in memory.segments(stream=s)] for s in ("porch", "door")}
+        out["verify"] = memory.verify()
+    mark("done")
+    return out
+
+
+def start_monitor_step(head, finished_actors: dict, url: str, video: str, work: Path, env: dict) -> Background:
+    """`vidmem monitor --ray` beside the front-end's steps; its result: {"monitor": ..., "head_node": ...}.
+
+    The 4 streams' finished actors go first: the monitor's source actors need their CPU share on the head."""
+    import ray
+
+    for actor in finished_actors.values():
+        ray.kill(actor)
+    return Background(lambda: {"monitor": monitor_on_cluster(head.address, url, video, work, env),
+                               "head_node": head.head_node.node_id})
 
 
 def main() -> None:
@@ -121,8 +282,9 @@ def main() -> None:
         with Memory.open(url, readonly=True) as memory:
             out["after"] = {r.id: [r.stream, r.start, r.end, fingerprint(memory, r)] for r in memory.segments()}
             out["verify"] = memory.verify()
+        monitor = start_monitor_step(head, actors, url, video, work_dir, env)
 
-        # What `vidmem serve --ray` and `vidmem monitor --ray` hold: sources local, encoding and answers remote.
+        # What `vidmem serve --ray` holds: sources local, encoding and answers remote (`monitor --ray` too, for rules).
         app = cluster.open_app(settings, address=head.address)
         app.load_models()
         report = asyncio.run(app.ingest(open_source(video), stream="front", options=IngestOptions(fps=FPS)))
@@ -134,6 +296,7 @@ def main() -> None:
                                          "follow_up": a.follow_up} for a in live]}
         app.close()
         ray.shutdown()
+        out.update(monitor.result(timeout=480))  # before the asks: it adds streams to the memory they read
 
         # Questions from other processes: the shared memory read directly (alongside the next two), then answer
         # replicas on the cluster, twice in one conversation.

@@ -70,7 +70,7 @@ def test_questions_from_other_processes_reach_the_shared_memory_and_keep_their_r
     assert all(s["stream"] == "cam1" for s in answer["segments"])
     first, follow_up = scenario["ray_ask"]  # `vidmem ask --ray` twice in one conversation
     assert isinstance(first["answer"], str) and first["visual_tokens"] > 0
-    assert {s["stream"] for s in first["segments"]} <= {"cam1", "cam2", "cam3", "cam4", "front"}
+    assert {s["stream"] for s in first["segments"]} <= {"cam1", "cam2", "cam3", "cam4", "front", "porch", "door"}
     assert follow_up["replica"] == first["replica"] and follow_up["follow_up"]
     assert follow_up["cached_tokens"] > 0 and follow_up["prefill_tokens"] < first["prefill_tokens"]
 
@@ -81,6 +81,36 @@ def test_the_front_ends_app_encodes_and_answers_on_the_cluster(scenario) -> None
     assert front["spans"] == scenario["reference"] and front["segments"] == len(scenario["reference"])
     for answer in front["answers"]:
         assert isinstance(answer["answer"], str) and answer["streams"] == ["front"]
+
+
+def test_the_monitors_sources_run_as_actors_and_stop_cleanly_on_sigterm(scenario) -> None:
+    monitor = scenario["monitor"]  # `vidmem monitor --ray` with porch=demo.mp4 and door=an HTTP camera, down at first
+    assert monitor["rc"] == 0 and not monitor.get("timed_out"), monitor["stderr"]
+    assert "Traceback" not in monitor["stderr"]
+    # Every source state came from an actor on the cluster's surviving node, published retained over MQTT.
+    for stream in ("porch", "door"):
+        assert {state["node"] for state in monitor["states"][stream]} == {scenario["head_node"]}
+    assert [s["state"] for s in monitor["states"]["porch"]] == ["connecting", "live", "ended"]
+    door = monitor["states"]["door"]
+    # The camera's actor knocked with the monitor's endless backoff until the camera came up, then went live; on
+    # SIGTERM it stopped reading and ended cleanly (an actor killed instead would never say "ended").
+    assert door[0]["state"] == "connecting" and door[1]["state"] == "reconnecting"
+    assert "refused" in door[1]["error"].lower()
+    assert [s["state"] for s in door[-2:]] == ["live", "ended"] and door[-1]["error"] is None
+
+    def scored(rows: list) -> list:  # threshold -1: each committed segment extends the rule's one event
+        return [["new", rows[0][1]]] + [["update", end] for _, end in rows[1:]] + [["end", rows[-1][1]]]
+
+    # The file is stored as a single-process ingest stores it, and the rule scored every segment of it.
+    assert monitor["rows"]["porch"] == scenario["reference"]
+    assert monitor["events"]["porch"] == scored(monitor["rows"]["porch"])
+    # The camera was stopped mid-stream: what it committed, the segment in flight at SIGTERM included, was
+    # scored before the monitor exited, and nothing else was stored.
+    assert len(monitor["rows"]["door"]) >= 2
+    assert monitor["events"]["door"] == scored(monitor["rows"]["door"])
+    assert monitor["available"] == ["online", "offline"]
+    verify = monitor["verify"]
+    assert verify["bad"] == [] and verify["missing_from_index"] == [] and verify["extra_in_index"] == []
 
 
 def test_ray_without_a_shared_memory_is_refused_in_one_line(tmp_path, videos) -> None:
