@@ -14,6 +14,7 @@ standard AWS_ENDPOINT_URL variable; its credentials come from the standard AWS v
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -173,11 +174,6 @@ class SharedSpec:
                    tokens=Path(unquote(tokens)).expanduser(), display=_mask(url))
 
     @property
-    def token_store(self) -> str:
-        """Where the tokens live, for messages: the directory or the s3:// URL."""
-        return self.objects if self.objects is not None else str(self.tokens)
-
-    @property
     def where(self) -> str:
         """host:port/db of the PostgreSQL server, for messages."""
         parts = urlsplit(self.dsn)
@@ -185,11 +181,11 @@ class SharedSpec:
 
 
 def _mask(url: str) -> str:
+    """The URL with every password masked: PostgreSQL's, and any in a parameter (an s3_endpoint given with keys)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        url = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    return re.sub(r"(=[a-z0-9+.-]+://[^:/@?&#]*):[^/@?&#]*@", r"\1:***@", url)
 
 
 def require(module: str):

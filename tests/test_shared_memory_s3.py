@@ -192,6 +192,11 @@ def test_an_unreachable_store_or_a_missing_bucket_is_one_line(s3_url, s3, capfd)
     assert KEYS["AWS_SECRET_ACCESS_KEY"] not in line
     line = one_line_error(vidmem_in_process(capfd, "stats", memory=s3_url.replace(s3.endpoint, "ftp://x")))
     assert "s3_endpoint" in line
+    # Keys in the URL are refused, and never printed.
+    keyed = s3.endpoint.replace("//", f"//{KEYS['AWS_ACCESS_KEY_ID']}:{KEYS['AWS_SECRET_ACCESS_KEY']}@")
+    with_keys = s3_url.replace(s3.endpoint, keyed)
+    line = one_line_error(vidmem_in_process(capfd, "stats", memory=with_keys))
+    assert "not the URL" in line and KEYS["AWS_SECRET_ACCESS_KEY"] not in line
 
 
 def test_migrate_copies_an_embedded_memory_into_an_object_store_and_verifies(s3_url, s3, tmp_path, capfd) -> None:
