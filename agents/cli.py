@@ -59,7 +59,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--memory", type=memory_spec, default=memory_spec(os.environ.get("VIDMEM_MEMORY", "vidmem-memory")),
                        help="memory directory (default: ./vidmem-memory or $VIDMEM_MEMORY), or a shared memory's "
-                            "postgresql://...?index=milvus://HOST:PORT&tokens=DIR URL (docs/deploy.md)")
+                            "postgresql://...?index=milvus://HOST:PORT&tokens=DIR (or s3://BUCKET/PREFIX) URL (docs/deploy.md)")
     group.add_argument("--model", default=os.environ.get("VIDMEM_MODEL"),
                        help="LLaVA-OneVision hub id or local checkpoint directory (default: 0.5B on CPU, 7B on GPU)")
     group.add_argument("--embedder", default=os.environ.get("VIDMEM_EMBEDDER"),
@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="copy an embedded memory directory into a shared memory and verify it")
     p.add_argument("source", type=Path, help="the embedded memory directory")
-    p.add_argument("target", help="postgresql://USER[:PASS]@HOST:PORT/DB?index=milvus://HOST:PORT&tokens=DIR")
+    p.add_argument("target", help="postgresql://USER[:PASS]@HOST:PORT/DB?index=milvus://HOST:PORT&tokens=DIR "
+                                  "(or tokens=s3://BUCKET/PREFIX&s3_endpoint=URL)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     return parser

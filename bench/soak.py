@@ -27,63 +27,22 @@ import random
 import re
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import rss_mb  # noqa: E402
+from common import _tests_on_path, rss_mb  # noqa: E402
+
+_tests_on_path()
+from camera import HttpCamera  # noqa: E402  (tests/camera.py)
 
 MONTH = 30 * 86400.0
 
 
 def log(msg: str) -> None:
     print(f"[bench/soak] {msg}", file=sys.stderr, flush=True)
-
-
-class Camera:
-    """A live HTTP camera (MPEG-TS, no length) on a fixed loopback port that can be switched off and on."""
-
-    def __init__(self, body: bytes, port: int) -> None:
-        self.body, self.port = body, port
-        self.httpd: ThreadingHTTPServer | None = None
-
-    def up(self) -> None:
-        camera = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("Content-Type", "video/mp2t")
-                self.end_headers()
-                mine = camera.httpd
-                try:
-                    while camera.httpd is mine:
-                        for i in range(0, len(camera.body), 8192):
-                            if camera.httpd is not mine:
-                                break
-                            self.wfile.write(camera.body[i:i + 8192])
-                            time.sleep(6.0 * 8192 / len(camera.body))  # 6 s of video in 6 s
-                except OSError:
-                    pass
-                self.close_connection = True
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def down(self) -> None:
-        httpd, self.httpd = self.httpd, None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
 
 
 def free_port() -> int:
@@ -121,7 +80,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict:
     manifest = memory.manifest
     feed = workdir / "feed.ts"
     write_video(feed, busy_scene(60, fps=10), fps=10)
-    cameras = [Camera(feed.read_bytes(), free_port()) for _ in range(args.cameras)]
+    cameras = [HttpCamera(feed.read_bytes(), seconds=6.0, port=free_port()) for _ in range(args.cameras)]  # 6 s in 6 s
     for camera in cameras:
         camera.up()
     stop = asyncio.Event()

@@ -3,14 +3,18 @@
 A shared memory is named by one URL:
 
     postgresql://USER[:PASS]@HOST:PORT/DB?index=milvus://HOST:PORT&tokens=DIR
+    postgresql://USER[:PASS]@HOST:PORT/DB?index=milvus://HOST:PORT&tokens=s3://BUCKET/PREFIX[&s3_endpoint=URL]
 
 PostgreSQL holds what SQLite holds in an embedded memory (streams, segments, retrieval vectors, the change log,
 rules, events, the manifest), Milvus holds the retrieval index (derived data, rebuilt from the `vectors` table),
-and DIR (shared storage every node mounts) holds the token files in the embedded layout.
+and DIR (shared storage every node mounts) holds the token files in the embedded layout, or an S3-compatible
+bucket holds them as objects (memory/objectstore.py). The object store's endpoint is `s3_endpoint` or the
+standard AWS_ENDPOINT_URL variable; its credentials come from the standard AWS variables and files, never the URL.
 """
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,8 +127,10 @@ class SharedSpec:
 
     dsn: str  # the PostgreSQL URL without vidmem's query parameters
     index: str  # Milvus URI, http://HOST:PORT
-    tokens: Path  # token directory on shared storage
+    tokens: Path | None  # token directory on shared storage (None when the tokens live in an object store)
     display: str  # the URL with its password masked, for messages
+    objects: str | None = None  # s3://BUCKET/PREFIX: the tokens live in an S3-compatible object store
+    s3_endpoint: str | None = None  # that store's endpoint URL (None: AWS_ENDPOINT_URL or AWS itself)
 
     @classmethod
     def parse(cls, url: str) -> SharedSpec:
@@ -133,18 +139,37 @@ class SharedSpec:
             raise ConfigError(f"a shared memory URL looks like postgresql://USER[:PASS]@HOST:PORT/DB"
                               f"?index=milvus://HOST:PORT&tokens=DIR, not {_mask(url)!r}.")
         query = parse_qs(parts.query, keep_blank_values=True)
-        unknown = sorted(set(query) - {"index", "tokens"})
+        unknown = sorted(set(query) - {"index", "tokens", "s3_endpoint"})
         if unknown:
             raise ConfigError(f"unknown parameters {', '.join(unknown)} in the memory URL {_mask(url)}; "
-                              "use index=milvus://HOST:PORT and tokens=DIR.")
+                              "use index=milvus://HOST:PORT, tokens=DIR or tokens=s3://BUCKET/PREFIX, and "
+                              "s3_endpoint=http://HOST:PORT.")
+        repeated = sorted(key for key, values in query.items() if len(values) > 1)
+        if repeated:
+            raise ConfigError(f"the memory URL {_mask(url)} gives {', '.join(repeated)} more than once.")
         index = (query.get("index") or [""])[0]
         tokens = (query.get("tokens") or [""])[0]
         if not index.startswith("milvus://") or not urlsplit(index).hostname or urlsplit(index).port is None:
             raise ConfigError(f"the memory URL {_mask(url)} needs index=milvus://HOST:PORT (the retrieval index).")
         if not tokens:
-            raise ConfigError(f"the memory URL {_mask(url)} needs tokens=DIR (a directory on shared storage).")
+            raise ConfigError(f"the memory URL {_mask(url)} needs tokens=DIR (a directory on shared storage) or "
+                              "tokens=s3://BUCKET/PREFIX (an S3-compatible object store).")
         index_parts = urlsplit(index)
         dsn = parts._replace(query="", fragment="").geturl()
+        endpoint = (query.get("s3_endpoint") or [""])[0] or None
+        if tokens.startswith("s3://"):
+            bucket = urlsplit(tokens).netloc
+            if not bucket:
+                raise ConfigError(f"the memory URL {_mask(url)} needs tokens=s3://BUCKET/PREFIX, not {tokens!r}.")
+            endpoint_parts = urlsplit(endpoint or "")
+            if endpoint is not None and (endpoint_parts.scheme not in ("http", "https") or not endpoint_parts.hostname
+                                         or endpoint_parts.username or endpoint_parts.password):
+                raise ConfigError(f"s3_endpoint in the memory URL {_mask(url)} must be http(s)://HOST[:PORT] "
+                                  "(credentials come from the AWS environment variables or files, not the URL).")
+            return cls(dsn=dsn, index=f"http://{index_parts.hostname}:{index_parts.port}", tokens=None,
+                       display=_mask(url), objects=tokens.rstrip("/"), s3_endpoint=endpoint)
+        if endpoint is not None:
+            raise ConfigError(f"s3_endpoint in the memory URL {_mask(url)} goes with tokens=s3://BUCKET/PREFIX.")
         return cls(dsn=dsn, index=f"http://{index_parts.hostname}:{index_parts.port}",
                    tokens=Path(unquote(tokens)).expanduser(), display=_mask(url))
 
@@ -156,11 +181,11 @@ class SharedSpec:
 
 
 def _mask(url: str) -> str:
+    """The URL with every password masked: PostgreSQL's, and any in a parameter (an s3_endpoint given with keys)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        url = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    return re.sub(r"(=[a-z0-9+.-]+://[^:/@?&#]*):[^/@?&#]*@", r"\1:***@", url)
 
 
 def require(module: str):

@@ -7,7 +7,8 @@
 - Milvus holds the retrieval index (memory/milvus.py): derived data, replayed from the change log, rebuilt from
   the `vectors` table when lost.
 - A directory on shared storage (NFS, CephFS, a Kubernetes ReadWriteMany volume) holds the token files, in the
-  embedded layout (memory/tokens.py).
+  embedded layout (memory/tokens.py), or an S3-compatible object store holds them, one object per record
+  (`tokens=s3://BUCKET/PREFIX`, memory/objectstore.py).
 
 The guarantees are the embedded memory's. Adding a segment locks its stream's row (`SELECT ... FOR UPDATE`,
 so writers on different nodes never interleave inside a token file), writes and fsyncs the record at the
@@ -40,6 +41,7 @@ import numpy as np
 from vidmem.errors import ConfigError, MemoryStoreError, UnknownStreamError
 from vidmem.memory import tokens as tok
 from vidmem.memory.milvus import MilvusIndex
+from vidmem.memory.objectstore import ObjectTokens
 from vidmem.memory.postgres import CHANGES_LOCK, SCHEMA, SCHEMA_VERSION, SharedSpec, connect, transaction
 from vidmem.memory.retention import (RETENTION_KEY, age_cutoff, chunks_to_drop, enforce_budget, memory_retention,
                                      retention_json, stream_chunk_limit, token_dir_bytes)
@@ -72,7 +74,7 @@ class SharedMemory:
     _drop_chunk_rows = Memory._drop_chunk_rows
 
     def __init__(self, spec: SharedSpec, conn, *, readonly: bool, device: str, token_dtype: str,
-                 chunk_bytes: int) -> None:
+                 chunk_bytes: int, files: ObjectTokens | None = None) -> None:
         self.spec = spec
         self.path = spec.display  # what messages call this memory
         self.readonly = readonly
@@ -82,7 +84,7 @@ class SharedMemory:
         self._conn = conn
         self._lock = threading.RLock()  # one connection, shared by the worker and event-loop threads
         self.instance = self._meta("instance") or ""
-        self._files = tok.TokenFiles(spec.tokens, readonly=readonly)
+        self._files = files if files is not None else _token_store(spec, readonly=readonly)
         self.index = MilvusIndex(spec.index, self.instance)
         manifest = self._meta("manifest")
         self.manifest: Manifest | None = Manifest.from_dict(json.loads(manifest)) if manifest else None
@@ -109,12 +111,23 @@ class SharedMemory:
                 raise MemoryStoreError(f"{spec.display} was written by a newer or unknown vidmem (schema {version}); "
                                        "upgrade vidmem.")
             instance = conn.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()[0]
-            _check_token_dir(spec, instance, readonly=readonly)
+            if spec.objects is None:
+                _check_token_dir(spec, instance, readonly=readonly)
         except BaseException:
             conn.close()
             raise
+        store = None
+        if spec.objects is not None:  # reachable, its bucket there, its prefix this memory's: one line otherwise
+            try:
+                store = ObjectTokens(spec.objects, endpoint=spec.s3_endpoint, readonly=readonly)
+                store.claim(instance, MARKER, spec.display)
+            except BaseException:
+                if store is not None:
+                    store.close()
+                conn.close()
+                raise
         memory = cls(spec, conn, readonly=readonly, device="cpu" if device == "auto" else device,
-                     token_dtype=token_dtype, chunk_bytes=chunk_bytes)
+                     token_dtype=token_dtype, chunk_bytes=chunk_bytes, files=store)
         try:
             memory.index.client()  # an unreachable Milvus fails now, with one line, not at the first search
             memory.index.has("image")
@@ -482,14 +495,20 @@ class SharedMemory:
         footage, nearly all of it) plus PostgreSQL's size of this memory's tables (`pg_total_relation_size`: rows,
         indexes, TOAST). Milvus's index is derived data, rebuilt from PostgreSQL, and is sized with the deployment
         (bench/scale.py's sizing table), not counted here."""
-        return token_dir_bytes(self._files) + self._table_bytes()
+        return self._token_bytes() + self._table_bytes()
+
+    def _token_bytes(self) -> int:
+        """Bytes of every stream's token records: files in the directory, or objects in the store."""
+        if isinstance(self._files, ObjectTokens):
+            return self._files.total_bytes()
+        return token_dir_bytes(self._files)
 
     def _table_bytes(self) -> int:
         return int(self._q("SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0)::bigint "
                            "FROM unnest(%s::text[]) AS t", (list(TABLES),))[0][0])
 
     def disk_bytes(self, stream: str | None = None) -> int:
-        """Bytes of token files on the shared storage (all streams, or one)."""
+        """Bytes of token files on the shared storage, or of token objects in the store (all streams, or one)."""
         names = [stream] if stream is not None else [i.name for i in self.streams()]
         return sum(sum(self._files.chunks_on_disk(n).values()) for n in names)
 
@@ -810,6 +829,13 @@ def _fetch(conn, sql: str, params: Sequence) -> list[tuple]:
         return cur.fetchall() if cur.description is not None else []
     except psycopg.OperationalError as exc:
         raise MemoryStoreError(f"lost the connection to PostgreSQL: {str(exc).strip()}") from None
+
+
+def _token_store(spec: SharedSpec, *, readonly: bool) -> tok.TokenFiles | ObjectTokens:
+    """Where the memory's token records live: a directory on shared storage, or an S3-compatible object store."""
+    if spec.objects is not None:
+        return ObjectTokens(spec.objects, endpoint=spec.s3_endpoint, readonly=readonly)
+    return tok.TokenFiles(spec.tokens, readonly=readonly)
 
 
 def _check_token_dir(spec: SharedSpec, instance: str, *, readonly: bool) -> None:

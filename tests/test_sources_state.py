@@ -4,10 +4,9 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from camera import HttpCamera
 from services import free_port
 from stream_support import RecordingSink, run_ingest
 
@@ -43,35 +42,11 @@ def test_a_file_source_is_live_while_read_and_ends_normally(videos):
 def test_a_camera_that_is_down_at_start_is_waited_for_when_the_backoff_says_so(tmp_path):
     feed = tmp_path / "live.ts"
     write_video(feed, busy_scene(60, fps=10), fps=10)
-    body = feed.read_bytes()
-    port = free_port()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "video/mp2t")
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-            except OSError:
-                pass
-
-    ThreadingHTTPServer.allow_reuse_address = True
-    httpd: list[ThreadingHTTPServer] = []
-
-    def camera_boots() -> None:  # the camera answers only after the source has knocked a few times
-        time.sleep(1.0)
-        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        server.daemon_threads = True
-        httpd.append(server)
-        server.serve_forever()
-
-    threading.Thread(target=camera_boots, daemon=True).start()
+    camera = HttpCamera(feed.read_bytes(), loop=False, port=free_port())
+    booting = threading.Timer(1.0, camera.up)  # the camera answers only after the source has knocked a few times
+    booting.start()
     sink = RecordingSink()
-    source = open_source(f"http://127.0.0.1:{port}/cam.ts", open_timeout=2, read_timeout=2,
+    source = open_source(camera.url, open_timeout=2, read_timeout=2,
                          backoff=Backoff(initial=0.05, cap=0.2, retry_first=True))
     seen = []
     source.on_status.append(seen.append)
@@ -88,9 +63,8 @@ def test_a_camera_that_is_down_at_start_is_waited_for_when_the_backoff_says_so(t
     try:
         asyncio.run(run())
     finally:
-        for server in httpd:
-            server.shutdown()
-            server.server_close()
+        booting.cancel()
+        camera.down()
     states = [s.state for s in seen]
     assert states[0] == "reconnecting" and "live" in states, states
     assert max(s.attempts for s in seen) >= 3  # it knocked while the camera booted, then recorded

@@ -12,12 +12,11 @@ import os
 import resource
 import signal
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from camera import HttpCamera
 from rel_support import WAIT, check_consistent, cli, cli_env, committed_ids, one_error_line
 
 from vidmem.stream.synth import busy_scene, write_video
@@ -59,52 +58,6 @@ def test_a_full_disk_while_writing_tokens_gives_one_clear_error_and_a_consistent
     assert report["segments"] == len(kept)
 
 
-class Camera:
-    """An HTTP camera serving an MPEG-TS feed without a length (a live feed); `down()` closes its port, `up()` reopens it."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.port = 0
-        self.httpd: ThreadingHTTPServer | None = None
-        self.connections = 0
-
-    def up(self) -> None:
-        camera = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                camera.connections += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "video/mp2t")
-                self.end_headers()
-                mine = camera.httpd
-                try:
-                    while camera.httpd is mine:  # a live camera: the feed repeats until its server goes down
-                        for i in range(0, len(camera.body), 8192):
-                            if camera.httpd is not mine:
-                                break
-                            self.wfile.write(camera.body[i:i + 8192])
-                            time.sleep(12.0 * 8192 / len(camera.body))  # real time: 12 s of video in 12 s
-                except (BrokenPipeError, ConnectionResetError, OSError):
-                    pass
-                self.close_connection = True
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def down(self) -> None:
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.httpd = None
-
-
 # The production backoff (0.5 s doubling to a 30 s cap) scaled down 10x, and the outage with it: 6 s here stand for
 # the 60 s of a camera rebooting. Waits and attempts scale together, so the source knocks as often as it would in
 # production (about 7 failed attempts) - more than the 5 after which it used to give up.
@@ -120,7 +73,7 @@ def test_a_camera_that_disappears_for_a_minute_is_reconnected_with_the_gap_recor
 
     feed = tmp_path / "feed.ts"
     write_video(feed, busy_scene(120, fps=10), fps=10)  # 12 s of MPEG-TS
-    camera = Camera(feed.read_bytes())
+    camera = HttpCamera(feed.read_bytes(), seconds=12.0)  # 12 s of video in 12 s, repeated
     camera.up()
     app = Vidmem(Settings(memory=tmp_path / "memory", model=str(tiny_models.llava), embedder=str(tiny_models.clip),
                           device="cpu"))
