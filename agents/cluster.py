@@ -629,6 +629,18 @@ class AnswerService:
         self.app.scheduler.run(Priority.REFRESH, functools.partial(self.app.refresh_live, stream),
                                key=("refresh", stream))
 
+    def yes_probability(self, question: str, segment_ids: list[int]) -> float:
+        """A watch rule's VLM verification (agents/monitor.py `yes_probability`) over exactly these segments, as
+        model work between questions and live refreshes."""
+        from vidmem.agents.monitor import yes_probability
+        from vidmem.agents.select import Level, Pick
+
+        rows = [self.app.memory.get_segment(i) for i in segment_ids]
+        picks = [Pick(row, Level.FULL, 0.0, "verify") for row in rows if row is not None]
+        if not picks:
+            raise VidmemError("the segments to verify are no longer in the memory")
+        return self.app.scheduler.run(Priority.VERIFY, functools.partial(yes_probability, self.app, question, picks))
+
     # ---- captions -------------------------------------------------------------------------------------
     def prepare_captions(self) -> None:
         """Load the caption embedder and open the memory for writing now, so that a missing embedder or an
@@ -685,8 +697,8 @@ class AnswerService:
             self.app.caption(row, memory=writer)
 
     def _open_writer(self, attempts: int = 3):
-        """The writable handle on the shared memory, opened once. Opening creates what is missing and can meet
-        another writer's transaction (PostgreSQL then reports a deadlock and aborts one side): it is tried again."""
+        """The writable handle on the shared memory, opened once; a transient failure to open (PostgreSQL
+        restarting, say) is tried again."""
         from vidmem.errors import MemoryStoreError
         from vidmem.memory import Memory
 
@@ -858,6 +870,14 @@ def _cluster_app_class():
             conversation = streams[0] if live and streams and len(streams) == 1 else None
             return self.answerers.answer(question, conversation=conversation, on_token=on_token, streams=streams,
                                          live=live, **kwargs)
+
+        def yes_probability(self, question: str, picks: list) -> float:
+            """A watch rule's VLM verification, on the replica that answers the segments' stream: the front-end
+            never loads the language model."""
+            stream = picks[0].row.stream if picks else None
+            with _replica_errors():
+                return _ray().get(self.answerers.replica(stream).yes_probability.remote(
+                    question, [p.row.id for p in picks]))
 
         def ask_conversation(self, conversation: str, question: str, *, streams=None, on_token=None,
                              live: bool = False, **kwargs):

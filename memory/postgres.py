@@ -30,6 +30,7 @@ SCHEMA_VERSION = 1
 CONNECT_TIMEOUT_S = 5  # an unreachable server fails within this, with one line naming it
 CHANGES_LOCK = 0x7669646D  # advisory lock: change-log rows commit in sequence order (see SharedMemory)
 SYNC_LOCK = 0x7669646E  # advisory lock: one process at a time replays the change log into Milvus
+SCHEMA_LOCK = 0x7669646F  # advisory lock: one process at a time creates the tables (no writer ever takes it)
 
 # Column names follow the embedded schema, except `start`/`end`/`offset` (reserved words in PostgreSQL).
 SCHEMA = """
@@ -207,15 +208,27 @@ def connect(spec: SharedSpec, *, create: bool):
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise MemoryStoreError(f"cannot reach PostgreSQL at {spec.where}: {reason}") from None
-    if create:
+    if create and not _has_schema(conn):
+        # Two first openers race here: a lock of its own serializes them. Not CHANGES_LOCK, which writers take
+        # while they hold row locks that CREATE INDEX waits for: PostgreSQL would see a deadlock and abort one.
         try:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))  # two first openers race here
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 conn.execute(SCHEMA)
         except psycopg.Error as exc:
             conn.close()
             raise MemoryStoreError(f"cannot create the vidmem tables in {spec.where}: {exc}".rstrip()) from None
     return conn
+
+
+def _has_schema(conn) -> bool:
+    """Whether every table and index SCHEMA creates is there already (then opening takes no lock at all)."""
+    import re
+
+    names = re.findall(r"IF NOT EXISTS (\w+)", SCHEMA)
+    found = conn.execute("SELECT count(*) FROM pg_class WHERE relname = ANY(%s) AND relnamespace = "
+                         "current_schema()::regnamespace", (names,)).fetchone()[0]
+    return found == len(names)
 
 
 @contextmanager

@@ -101,8 +101,8 @@ def build_tiny_llava(directory: Path, *, seed: int = 0, vision_hidden: int = 32,
     template: where the chat template lives, as real checkpoints carry it: "json" (the processor's list-content
     template in chat_template.json, as the llava-hf conversion writes it), "jinja" (the same in chat_template.jinja),
     "tokenizer" (Qwen2's string template in tokenizer_config.json), "json+tokenizer" (both) or "none".
-    tie_word_embeddings: True as in Qwen2-0.5B; a tiny random model so tied repeats its last prompt token (a
-    newline: every answer is empty), while with its own output head it answers in words, token by token.
+    tie_word_embeddings: True as in Qwen2-0.5B, False as in Qwen2-7B. A tiny random model so tied repeats its last
+    prompt token (a newline: every answer is empty); with its own output head it answers in words, token by token.
     """
     if template not in TEMPLATE_FORMS:
         raise ValueError(f"template must be one of {TEMPLATE_FORMS}")

@@ -66,52 +66,16 @@ def fingerprint(memory, row) -> int:
 CAMERA_SECONDS = 120.0  # the camera streams longer than the monitor runs: SIGTERM lands mid-stream
 
 
-class PacedCamera:
-    """An HTTP camera on loopback: an MPEG-TS stream delivered at real time (down until `boot()`)."""
+def paced_camera(folder: Path):
+    """An HTTP camera on loopback streaming CAMERA_SECONDS of busy video in real time, down until `up()`."""
+    from camera import HttpCamera
+    from services import free_port
 
-    def __init__(self, folder: Path) -> None:
-        from services import free_port
+    from vidmem.stream.synth import busy_scene, write_video
 
-        from vidmem.stream.synth import busy_scene, write_video
-
-        feed = folder / "camera.ts"
-        write_video(feed, busy_scene(int(CAMERA_SECONDS * 5), fps=5, width=160, height=96), fps=5)
-        self.body, self.port, self.server = feed.read_bytes(), free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}/cam.ts"
-
-    def boot(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        body, rate = self.body, len(self.body) / CAMERA_SECONDS  # bytes per second of video
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("Content-Type", "video/mp2t")
-                self.end_headers()
-                started, sent = time.monotonic(), 0
-                try:
-                    while sent < len(body):
-                        due = min(len(body), int((time.monotonic() - started + 0.5) * rate))  # 0.5 s ahead
-                        self.wfile.write(body[sent:due])
-                        self.wfile.flush()
-                        sent = due
-                        time.sleep(0.1)
-                except OSError:  # the source hung up
-                    pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+    feed = folder / "camera.ts"
+    write_video(feed, busy_scene(int(CAMERA_SECONDS * 5), fps=5, width=160, height=96), fps=5)
+    return HttpCamera(feed.read_bytes(), seconds=CAMERA_SECONDS, loop=False, port=free_port())
 
 
 class Background(threading.Thread):
@@ -145,7 +109,7 @@ def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict
 
     from vidmem.memory import Memory
 
-    broker, camera = Broker(work / "broker"), PacedCamera(work)
+    broker, camera = Broker(work / "broker"), paced_camera(work)
     rules = work / "rules.yaml"
     rules.write_text("rules:\n" + "".join(f"  - stream: {s}\n    id: anything\n    condition: a person walking\n"
                                           "    threshold: -1\n    cooldown: 0\n" for s in ("porch", "door")))
@@ -169,7 +133,7 @@ def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict
                 await w.wait(lambda: any(m["state"] == "reconnecting" and m["attempts"] >= 2
                                          for m in w.on("vidmem/door/state")), "the camera's actor knocking", 180)
                 mark("knocking")
-                camera.boot()
+                camera.up()
                 await w.wait(lambda: len(w.events(stream="door", rule="anything")) >= 2, "two scored door segments",
                              120)
                 mark("door scored")
@@ -199,7 +163,7 @@ def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict
     try:
         asyncio.run(watch())
     finally:
-        camera.stop()
+        camera.down()
         broker.stop()
     with Memory.open(url, readonly=True) as memory:
         out["rows"] = {s: [[r.start, r.end] for r in memory.segments(stream=s)] for s in ("porch", "door")}
@@ -333,6 +297,7 @@ def main() -> None:
     from vidmem.agents import cluster
     from vidmem.agents.app import Settings
     from vidmem.memory import Memory
+    from vidmem.agents.select import Level, Pick
     from vidmem.stream import IngestOptions, open_source
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDMEM_MODEL": llava, "VIDMEM_EMBEDDER": clip}
@@ -397,10 +362,15 @@ def main() -> None:
         report = asyncio.run(app.ingest(open_source(video), stream="front", options=IngestOptions(fps=FPS)))
         live = [app.ask("what is happening now?", streams=["front"], live=True) for _ in range(2)]
         with Memory.open(url, readonly=True) as memory:
+            rows = memory.segments(stream="front")
+            # a watch rule's VLM verification, as `monitor --ray` asks it: on a replica, never in the front-end
+            picks = [Pick(r, Level.FULL, 0.0, "verify") for r in rows[:2]]
+            verified = app.yes_probability('Is "a person" true? Answer yes or no.', picks)
             out["front"] = {"app": type(app).__name__, "segments": report.segments,
-                            "spans": [[r.start, r.end] for r in memory.segments(stream="front")],
+                            "spans": [[r.start, r.end] for r in rows],
                             "answers": [{"answer": a.text, "streams": sorted({p.row.stream for p in a.picks}),
-                                         "follow_up": a.follow_up} for a in live]}
+                                         "follow_up": a.follow_up} for a in live],
+                            "verified": verified, "front_end_loaded_the_vlm": app._vlm is not None}
         started = time.monotonic()
         out["streaming"] = stream_from_a_replica(app, url, same_models, {**env, cluster.ENV: head.address})
         out["seconds"] = {"streaming": round(time.monotonic() - started, 1)}

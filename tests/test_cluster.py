@@ -89,6 +89,8 @@ def test_the_front_ends_app_encodes_and_answers_on_the_cluster(scenario) -> None
     assert front["spans"] == scenario["reference"] and front["segments"] == len(scenario["reference"])
     for answer in front["answers"]:
         assert isinstance(answer["answer"], str) and answer["streams"] == ["front"]
+    # A watch rule's verification ran on a replica: a probability, and the front-end never loaded the VLM.
+    assert 0.0 <= front["verified"] <= 1.0 and not front["front_end_loaded_the_vlm"]
 
 
 def test_the_monitors_sources_run_as_actors_and_stop_cleanly_on_sigterm(scenario) -> None:
