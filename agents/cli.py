@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressor-weights", type=Path, help="a `vidmem train` checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--captions", action="store_true", help="describe each segment with the VLM and index the captions")
-    p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
+    _caption_embedder(p)
     _feature_cache(p)
     _token_dtype(p)
     _ray_flag(p)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", type=float, default=1.0,
                    help="show this share of each segment's most salient tokens and cover more segments (STC pruner)")
     p.add_argument("--compressor-weights", type=Path, help="the checkpoint used at ingest (loads its projector)")
-    p.add_argument("--caption-embedder", help="text embedder for captions (default: all-MiniLM-L6-v2)")
+    _caption_embedder(p)
     p.add_argument("--conversation", help="with --ray: a conversation id; its questions reach the same answer replica")
     _ray_flag(p)
     _common(p)
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-insecure", action="store_true", help="mqtts:// without checking the certificate (testing only)")
     p.add_argument("--mqtt-client-id", help="fixed MQTT client id (default: derived from --prefix and --memory)")
     _feature_cache(p)
+    _caption_embedder(p)
     _token_dtype(p)
     _kv_cache(p)
     _encode_batch(p)
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait between a lost camera's reconnection attempts, seconds (default 30; it never "
                         "gives up)")
     _feature_cache(p)
+    _caption_embedder(p)
     _token_dtype(p)
     _kv_cache(p)
     _encode_batch(p)
@@ -188,6 +190,11 @@ def _encode_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encode-gather-ms", type=float, default=5.0, metavar="MS",
                         help="how long the shared encoder waits for other streams' frames before a call, while "
                              "more than one stream is open (default 5)")
+
+
+def _caption_embedder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--caption-embedder", help="text embedder for captions, the one the memory's captions were "
+                                                   "indexed with (default: all-MiniLM-L6-v2)")
 
 
 def _feature_cache(parser: argparse.ArgumentParser) -> None:

@@ -8,17 +8,15 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from services import ensure_debian_package, free_port
+from services import ensure_debian_package, free_port, wait_for_port
 
 READY_TIMEOUT_S = 60
 
@@ -111,16 +109,7 @@ def start_milvus(port: int | None = None, folder: Path | None = None) -> MilvusS
     log = open(folder / "server.log", "ab")
     process = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(folder / "data"),
                                 "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"Milvus Lite did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+    wait_for_port(port, process, folder / "server.log", "Milvus Lite", timeout=READY_TIMEOUT_S, poll=0.2)
     return MilvusServer(port=port, folder=folder, process=process)
 
 

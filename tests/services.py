@@ -6,6 +6,8 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, name: str, *, timeout: float = 30.0,
+                  poll: float = 0.1) -> None:
+    """Wait until `process` (a server started by a test) accepts connections on 127.0.0.1:`port`; if it exits or
+    `timeout` passes first, kill it and fail with the end of its `log`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"{name} did not start: {log.read_text()[-2000:]}")
+            time.sleep(poll)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 
 from cluster_support import milvus, postgres  # noqa: F401 - fixtures
-from services import free_port
+from services import free_port, wait_for_port
 from test_cli import one_line_error, vidmem, vidmem_in_process
 from test_shared_memory import fill, unit
 from vidmem.errors import MemoryStoreError
@@ -64,16 +62,7 @@ def start_s3() -> S3Server:
         keys = f"{KEYS['AWS_ACCESS_KEY_ID']},{KEYS['AWS_SECRET_ACCESS_KEY']}"
         process = subprocess.Popen([rclone, "serve", "s3", str(folder / "data"), "--addr", f"127.0.0.1:{port}",
                                     "--config", "", "--auth-key", keys], stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"rclone serve s3 did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
+    wait_for_port(port, process, log, "rclone serve s3")
     return S3Server(endpoint=f"http://127.0.0.1:{port}", folder=folder, process=process)
 
 
