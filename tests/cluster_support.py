@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from services import ensure_debian_package, free_port, wait_for_port
+from services import ensure_debian_package, free_port, stop_server, wait_for_port
 
 READY_TIMEOUT_S = 60
 
@@ -92,14 +92,7 @@ class MilvusServer:
         return f"milvus://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        stop_server(self.process, self.folder)
 
 
 def start_milvus(port: int | None = None, folder: Path | None = None) -> MilvusServer:

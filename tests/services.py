@@ -57,3 +57,16 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, name: str, *,
                 process.kill()
                 pytest.fail(f"{name} did not start: {log.read_text()[-2000:]}")
             time.sleep(poll)
+
+
+def stop_server(process: subprocess.Popen, folder: Path | None = None, *, timeout: float = 20.0) -> None:
+    """Terminate a server a test started (killed after `timeout` seconds) and remove its folder."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from cluster_support import milvus, postgres  # noqa: F401 - fixtures
-from services import free_port, wait_for_port
+from services import free_port, stop_server, wait_for_port
 from test_cli import one_line_error, vidmem, vidmem_in_process
 from test_shared_memory import fill, unit
 from vidmem.errors import MemoryStoreError
@@ -40,13 +40,7 @@ class S3Server:
     process: subprocess.Popen
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        stop_server(self.process, self.folder)
 
 
 def start_s3() -> S3Server:

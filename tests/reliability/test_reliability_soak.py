@@ -13,7 +13,7 @@ import time
 
 import pytest
 from rel_support import WAIT, cli, cli_env, rss_bytes
-from services import free_port
+from services import free_port, stop_server
 from test_reliability_fuzz import jpegs
 from websockets.sync.client import connect
 
@@ -72,12 +72,7 @@ def test_live_ingest_with_periodic_questions_keeps_resident_memory_flat(tmp_path
                         errors.append(reply)
         assert server.poll() is None
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server, timeout=60)  # SIGTERM: it commits its segment in flight and stops
     assert errors == []
     assert answers >= seconds / ASK_EVERY_S / 3, answers
     # warm-up (models, allocator arenas, the live window filling) is over by half time; from then on RSS stays flat
