@@ -20,15 +20,16 @@
   (a stable hash of its id), the one whose kept KV cache lets a follow-up prefill only the new question. Answers
   stream: a replica's `stream` is a Ray streaming generator yielding the text as the model produces it, then the
   `Answer`, so the websocket page and `vidmem ask --ray` show tokens as they come. A replica is a threaded actor
-  whose model work all goes through one scheduler (agents/scheduler.py): questions, then live refreshes, then
-  captions, one at a time.
+  whose model work all goes through one scheduler (agents/scheduler.py): questions, then watch rules' VLM
+  verification (`yes_probability`, so a monitor's front-end never loads the language model), then live
+  refreshes, then captions, one at a time.
 - **Captions.** With `--captions`, each source commits its segment and hands its id to an answer replica without
   waiting (`caption.remote`); the replica queues it behind questions, describes the segment with the VLM and
   stores the caption and its embedding in the shared memory, where questions fuse caption search as on one
   machine. `ingest` returns once its segments are described. A caption still queued on a replica that dies, or
   just requested by a source whose node is lost, is lost: the segment stays, without a caption.
-- **Memory.** Every node reaches the same shared memory (PostgreSQL + Milvus + token files on shared storage,
-  memory/shared.py): `--ray` requires a postgresql:// `--memory`.
+- **Memory.** Every node reaches the same shared memory (PostgreSQL + Milvus + tokens on shared storage or in an
+  S3-compatible object store, memory/shared.py): `--ray` requires a postgresql:// `--memory`.
 """
 from __future__ import annotations
 
