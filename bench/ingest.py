@@ -262,7 +262,8 @@ def bench_live_rtf(args: argparse.Namespace) -> dict:
                 out[f"rtf_{kind}"] = round(report.video_seconds / wall, 3)
                 out[f"rtf_{kind}_detail"] = {"video_seconds": round(report.video_seconds, 1), "wall_seconds": round(wall, 1),
                                              "encoded_segments": report.encoded_segments,
-                                             "reused_segments": report.reused_segments, "frames": report.frames}
+                                             "reused_segments": report.reused_segments, "frames": report.frames,
+                                             "cached_frames": report.cached_frames}  # the STC cacher's (default)
                 log(f"{kind}: {out[f'rtf_{kind}']}x real time {out[f'rtf_{kind}_detail']}")
         finally:
             app.close()
