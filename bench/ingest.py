@@ -241,16 +241,17 @@ def bench_live_rtf(args: argparse.Namespace) -> dict:
         if args.quick:
             tiny = tiny_checkpoints(work / "models")
             app = Vidmem(Settings(memory=work / "memory", model=str(tiny["llava"]), embedder=str(tiny["clip"]),
-                                  device="cpu", runtime=args.runtime))
+                                  device="cpu", runtime=args.runtime, feature_cache=args.feature_cache))
         else:
             app = Vidmem(Settings(memory=work / "memory", embedder=str(clip512_checkpoint(work / "clip512")),
-                                  device="cpu", runtime=args.runtime))
+                                  device="cpu", runtime=args.runtime, feature_cache=args.feature_cache))
             log("building LLaVA-OneVision 0.5B's architecture with random weights (full SigLIP tower)")
             app._vlm = full_size_vlm(device="cpu", vision_layers=SIGLIP_SO400M["num_hidden_layers"])
             apply_runtime(app._vlm, args.runtime)  # what Vidmem.vlm does after load_vlm
         try:
             app.load_models()
             out["rtf_model"] = app.vlm.name
+            out["rtf_feature_cache"] = args.feature_cache
             out["rtf_runtime"] = describe(app.vlm)
             runs = [("static", clips["static"], None), ("static_motion", clips["static"], MotionOptions()),
                     ("busy", clips["busy"], None)]
@@ -283,6 +284,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="length of the static and busy clips")
     parser.add_argument("--runtime", choices=("eager", "fast", "fast-lm"), default=None,
                         help="runtime for the real-time factors (default: $VIDMEM_RUNTIME, else fast on a CPU)")
+    parser.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="the real-time factors with the STC feature cacher (the default) or without")
     parser.add_argument("--runtime-only", action="store_true", help="only the tower and real-time-factor figures")
     parser.add_argument("--no-runtime", action="store_true", help="skip the tower and real-time-factor figures")
     parser.add_argument("--no-tower", action="store_true", help="with --runtime-only: the real-time factors alone")
