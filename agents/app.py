@@ -400,6 +400,14 @@ class Vidmem:
         (memory or self.memory).set_caption(row.id, text, self.caption_embedder.embed_texts([text])[0])
         return text
 
+    # ---- watch rules ---------------------------------------------------------------------------------
+    def yes_probability(self, question: str, picks: list) -> float:
+        """A watch rule's VLM verification: P(yes) of the yes/no `question` over exactly `picks`
+        (agents/monitor.py `yes_probability`). On a Ray cluster it runs on an answer replica."""
+        from vidmem.agents.monitor import yes_probability
+
+        return yes_probability(self, question, picks)
+
     def _has_captions(self) -> bool:
         return bool(self.memory.caption_dim)  # set once the first caption embedding is stored
 

@@ -244,10 +244,13 @@ class _RemoteSink:
         return self.resume_after is not None and segment.start < self.resume_after
 
     def encode(self, segments: list) -> list:
-        ray = _ray()
         todo = [s for s in segments if not self._done(s)]
-        encoded = iter(ray.get(self.encoder.encode.remote(todo)) if todo else [])
+        encoded = iter(self._encode(todo) if todo else [])
         return [None if self._done(s) else next(encoded) for s in segments]
+
+    def _encode(self, segments: list) -> list:
+        """EncodedSegments of `segments` (none of them stored yet), from the encoder pool."""
+        return _ray().get(self.encoder.encode.remote(segments))
 
     def commit(self, segment, encoded) -> int:
         if encoded is None:  # committed before this actor restarted
@@ -294,16 +297,9 @@ class _WatchedSink(_RemoteSink):
         self.on_watched = on_watched
         self._vectors: dict[int, np.ndarray] = {}  # id(segment) -> its frames' embeddings, until committed
 
-    def encode(self, segments: list) -> list:
-        ray = _ray()
-        todo = [s for s in segments if not self._done(s)]
-        results = iter(ray.get(self.encoder.encode_watched.remote(todo)) if todo else [])
+    def _encode(self, segments: list) -> list:
         out = []
-        for segment in segments:
-            if self._done(segment):
-                out.append(None)
-                continue
-            encoded, vectors = next(results)
+        for segment, (encoded, vectors) in zip(segments, _ray().get(self.encoder.encode_watched.remote(segments))):
             self._vectors[id(segment)] = vectors
             out.append(encoded)
         return out
@@ -499,11 +495,10 @@ class ClusterSources:
         ray = _ray()
         report = error = None
         try:
-            report = await run
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            error = cause if isinstance(cause, VidmemError) else \
-                VidmemError(f"the source actor failed: {str(exc).strip().splitlines()[-1]}")
+            with _cluster_errors("the source actor failed"):
+                report = await run
+        except VidmemError as exc:
+            error = exc
         except ray.exceptions.RayError as exc:
             error = VidmemError(f"the source actor was lost: {type(exc).__name__}")
         await self.queue.put_async(("finished", stream, report, error))
@@ -521,13 +516,8 @@ def ingest(settings, sources: dict[str, str], *, address: str, ingest_options=No
     connect(address)
     actors = start_sources(settings, sources, ingest_options=ingest_options, options=options)
     ray = _ray()
-    try:
+    with _cluster_errors("ingest failed on the cluster"):
         reports = ray.get([actor.run.remote() for actor in actors.values()])
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), VidmemError) else None
-        if cause is not None:
-            raise cause from None
-        raise VidmemError(f"ingest failed on the cluster: {str(exc).strip().splitlines()[-1]}") from None
     if settings.captions:  # as on one machine: the segments are described once ingest returns
         ray.get([replica.captions_done.remote() for replica in captioners(settings)])
     return dict(zip(actors, reports))
@@ -539,7 +529,8 @@ class AnswerService:
 
     A threaded actor, so that a question streams its answer while other calls arrive (more questions, live
     refreshes, captions). The model still does one thing at a time: every piece of model work goes through the
-    replica's scheduler (agents/scheduler.py), questions first, then live refreshes, then captions.
+    replica's scheduler (agents/scheduler.py): questions first, then watch rules' verification, then live
+    refreshes, then captions.
     """
 
     CONCURRENCY = 16  # actor threads: questions streaming or waiting their turn, refreshes, caption flushes
@@ -631,16 +622,15 @@ class AnswerService:
                                key=("refresh", stream))
 
     def yes_probability(self, question: str, segment_ids: list[int]) -> float:
-        """A watch rule's VLM verification (agents/monitor.py `yes_probability`) over exactly these segments, as
-        model work between questions and live refreshes."""
-        from vidmem.agents.monitor import yes_probability
+        """A watch rule's VLM verification (`Vidmem.yes_probability`) over exactly these segments, as model work
+        between questions and live refreshes."""
         from vidmem.agents.select import Level, Pick
 
         rows = [self.app.memory.get_segment(i) for i in segment_ids]
         picks = [Pick(row, Level.FULL, 0.0, "verify") for row in rows if row is not None]
         if not picks:
             raise VidmemError("the segments to verify are no longer in the memory")
-        return self.app.scheduler.run(Priority.VERIFY, functools.partial(yes_probability, self.app, question, picks))
+        return self.app.scheduler.run(Priority.VERIFY, functools.partial(self.app.yes_probability, question, picks))
 
     # ---- captions -------------------------------------------------------------------------------------
     def prepare_captions(self) -> None:
@@ -719,15 +709,16 @@ class AnswerService:
 
 
 @contextlib.contextmanager
-def _replica_errors():
-    """A replica's VidmemError reaches the caller as itself; anything else as one VidmemError line."""
+def _cluster_errors(failed: str):
+    """A VidmemError raised in an actor reaches the caller as itself; any other error in it as one VidmemError line,
+    `failed`: its last line."""
     ray = _ray()
     try:
         yield
     except ray.exceptions.RayTaskError as exc:
         if isinstance(getattr(exc, "cause", None), VidmemError):
             raise exc.cause from None
-        raise VidmemError(f"the answer replica failed: {str(exc).strip().splitlines()[-1]}") from None
+        raise VidmemError(f"{failed}: {str(exc).strip().splitlines()[-1]}") from None
 
 
 class Answerers:
@@ -760,7 +751,7 @@ class Answerers:
         produces them. `route` picks the replica (default: the conversation's)."""
         ray = _ray()
         replica = self.replica(route if route is not None else conversation)
-        with _replica_errors():
+        with _cluster_errors("the answer replica failed"):
             if on_token is None:
                 return ray.get(replica.answer.remote(question, conversation, kwargs))
             pieces = replica.stream.remote(question, conversation, kwargs)  # an ObjectRefGenerator
@@ -778,7 +769,7 @@ class Answerers:
 
     def prepare_captions(self) -> None:
         """Ready every replica to caption (one clear error now when the caption embedder is missing)."""
-        with _replica_errors():
+        with _cluster_errors("the answer replica failed"):
             _ray().get([replica.prepare_captions.remote() for replica in self.replicas])
 
 
@@ -876,7 +867,7 @@ def _cluster_app_class():
             """A watch rule's VLM verification, on the replica that answers the segments' stream: the front-end
             never loads the language model."""
             stream = picks[0].row.stream if picks else None
-            with _replica_errors():
+            with _cluster_errors("the answer replica failed"):
                 return _ray().get(self.answerers.replica(stream).yes_probability.remote(
                     question, [p.row.id for p in picks]))
 

@@ -601,9 +601,7 @@ class Monitor:
 
         try:
             picks = [Pick(r, Level.FULL, 0.0, "verify") for r in self.event_rows(tracker, row)]
-            question = VERIFY_PROMPT.format(condition=tracker.rule.condition)
-            on_cluster = getattr(self.app, "yes_probability", None)  # --ray: on an answer replica
-            return on_cluster(question, picks) if on_cluster is not None else yes_probability(self.app, question, picks)
+            return self.app.yes_probability(VERIFY_PROMPT.format(condition=tracker.rule.condition), picks)
         except VidmemError as exc:
             log.warning("MQTT: verifying rule %s on segment %s failed: %s", tracker.rule.id, row.id, exc)
             return None
