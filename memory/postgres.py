@@ -223,8 +223,6 @@ def connect(spec: SharedSpec, *, create: bool):
 
 def _has_schema(conn) -> bool:
     """Whether every table and index SCHEMA creates is there already (then opening takes no lock at all)."""
-    import re
-
     names = re.findall(r"IF NOT EXISTS (\w+)", SCHEMA)
     found = conn.execute("SELECT count(*) FROM pg_class WHERE relname = ANY(%s) AND relnamespace = "
                          "current_schema()::regnamespace", (names,)).fetchone()[0]

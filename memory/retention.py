@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Protocol
 
@@ -77,15 +76,6 @@ def age_cutoff(newest: float, max_age: float) -> float:
     Recordings carry seconds from the file start: age counts from the newest segment (keep the last max_age s)."""
     now = max(newest, time.time()) if newest > UNIX_EPOCH_2001 else newest
     return now - max_age
-
-
-def token_dir_bytes(files: TokenFiles) -> int:
-    """Bytes of every stream's chunk files under a token directory (streams deleted meanwhile count 0)."""
-    try:
-        folders = [e.name for e in os.scandir(files.root) if e.is_dir()]
-    except FileNotFoundError:
-        return 0
-    return sum(sum(files.chunks_on_disk(name).values()) for name in folders)
 
 
 class Budgeted(Protocol):

@@ -44,7 +44,7 @@ from vidmem.memory.milvus import MilvusIndex
 from vidmem.memory.objectstore import ObjectTokens
 from vidmem.memory.postgres import CHANGES_LOCK, SCHEMA, SCHEMA_VERSION, SharedSpec, connect, transaction
 from vidmem.memory.retention import (RETENTION_KEY, age_cutoff, chunks_to_drop, enforce_budget, memory_retention,
-                                     retention_json, stream_chunk_limit, token_dir_bytes)
+                                     retention_json, stream_chunk_limit)
 from vidmem.memory.store import CHANGES_KEPT, CHUNK_BYTES, Memory
 from vidmem.memory.types import Manifest, Retention, SegmentRow, StreamInfo, check_stream_name
 
@@ -84,7 +84,7 @@ class SharedMemory:
         self._conn = conn
         self._lock = threading.RLock()  # one connection, shared by the worker and event-loop threads
         self.instance = self._meta("instance") or ""
-        self._files = files if files is not None else _token_store(spec, readonly=readonly)
+        self._files = files if files is not None else tok.TokenFiles(spec.tokens, readonly=readonly)
         self.index = MilvusIndex(spec.index, self.instance)
         manifest = self._meta("manifest")
         self.manifest: Manifest | None = Manifest.from_dict(json.loads(manifest)) if manifest else None
@@ -495,13 +495,7 @@ class SharedMemory:
         footage, nearly all of it) plus PostgreSQL's size of this memory's tables (`pg_total_relation_size`: rows,
         indexes, TOAST). Milvus's index is derived data, rebuilt from PostgreSQL, and is sized with the deployment
         (bench/scale.py's sizing table), not counted here."""
-        return self._token_bytes() + self._table_bytes()
-
-    def _token_bytes(self) -> int:
-        """Bytes of every stream's token records: files in the directory, or objects in the store."""
-        if isinstance(self._files, ObjectTokens):
-            return self._files.total_bytes()
-        return token_dir_bytes(self._files)
+        return self._files.total_bytes() + self._table_bytes()
 
     def _table_bytes(self) -> int:
         return int(self._q("SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0)::bigint "
@@ -829,13 +823,6 @@ def _fetch(conn, sql: str, params: Sequence) -> list[tuple]:
         return cur.fetchall() if cur.description is not None else []
     except psycopg.OperationalError as exc:
         raise MemoryStoreError(f"lost the connection to PostgreSQL: {str(exc).strip()}") from None
-
-
-def _token_store(spec: SharedSpec, *, readonly: bool) -> tok.TokenFiles | ObjectTokens:
-    """Where the memory's token records live: a directory on shared storage, or an S3-compatible object store."""
-    if spec.objects is not None:
-        return ObjectTokens(spec.objects, endpoint=spec.s3_endpoint, readonly=readonly)
-    return tok.TokenFiles(spec.tokens, readonly=readonly)
 
 
 def _check_token_dir(spec: SharedSpec, instance: str, *, readonly: bool) -> None:

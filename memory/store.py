@@ -31,7 +31,7 @@ from vidmem.memory import tokens as tok
 from vidmem.memory.index import IndexOptions, IndexSet
 from vidmem.memory.postgres import is_memory_url
 from vidmem.memory.retention import (RETENTION_KEY, age_cutoff, chunks_to_drop, enforce_budget, memory_retention,
-                                     retention_json, stream_chunk_limit, token_dir_bytes)
+                                     retention_json, stream_chunk_limit)
 from vidmem.memory.schema import SCHEMA_VERSION, connect
 from vidmem.memory.types import Manifest, Retention, SegmentRow, StreamInfo, check_stream_name
 
@@ -601,7 +601,7 @@ class Memory:
             except OSError:
                 continue
             total += sum(_size_of(e) for e in entries)
-        return total + token_dir_bytes(self._files)
+        return total + self._files.total_bytes()
 
     def disk_bytes(self, stream: str | None = None) -> int:
         """Bytes of token files on disk (all streams, or one)."""

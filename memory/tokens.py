@@ -152,6 +152,15 @@ class TokenFiles:
                     continue
         return out
 
+    def total_bytes(self) -> int:
+        """Bytes of every stream's chunk files (what a disk budget counts for the tokens; streams deleted meanwhile
+        count 0)."""
+        try:
+            streams = [e.name for e in os.scandir(self.root) if e.is_dir()]
+        except FileNotFoundError:
+            return 0
+        return sum(sum(self.chunks_on_disk(name).values()) for name in streams)
+
     def remove_stream(self, stream: str) -> None:
         for chunk in list(self.chunks_on_disk(stream)):
             self.delete_chunk(stream, chunk)
