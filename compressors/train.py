@@ -63,8 +63,8 @@ from vidmem.errors import ConfigError
 log = logging.getLogger(__name__)
 
 __all__ = [  # checkpoint I/O and clip reading live in checkpoint.py and dataset.py; older imports find them here
-    "OBJECTIVES", "TrainOptions", "TrainReport", "answer_loss", "answer_losses", "decode_frames", "load_compressor", "load_examples",
-    "read_checkpoint_config", "save_checkpoint", "train",
+    "OBJECTIVES", "TrainOptions", "TrainReport", "answer_loss", "answer_losses", "decode_frames", "load_compressor",
+    "load_examples", "read_checkpoint_config", "save_checkpoint", "train",
 ]
 OBJECTIVES = ("caption", "qa", "reconstruction")
 _ALIASES = {"reconstruct": "reconstruction", "svc": "reconstruction", "stage1": "caption"}

@@ -284,8 +284,6 @@ def captions_on_the_cluster(ingest: subprocess.Popen, settings, address: str) ->
     return out
 
 
-
-
 def main() -> None:
     video, llava, clip, minilm, work = sys.argv[1:6]
     work_dir = Path(work)
@@ -296,8 +294,8 @@ def main() -> None:
 
     from vidmem.agents import cluster
     from vidmem.agents.app import Settings
-    from vidmem.memory import Memory
     from vidmem.agents.select import Level, Pick
+    from vidmem.memory import Memory
     from vidmem.stream import IngestOptions, open_source
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIDMEM_MODEL": llava, "VIDMEM_EMBEDDER": clip}
