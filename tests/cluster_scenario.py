@@ -172,6 +172,26 @@ def monitor_on_cluster(address: str, url: str, video: str, work: Path, env: dict
     return out
 
 
+LOOPBACK = "127.0.0.1"  # the namespace's only address; named, so no node resolves the host name
+
+
+def start_head(attempts: int = 3):
+    """The Ray head node on loopback. A head whose GCS has not published its port in time (a loaded or paused
+    machine: the CI host once went 30 s without starting it) is stopped and started again, up to ATTEMPTS."""
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+    for attempt in range(1, attempts + 1):
+        try:
+            return Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 4, "include_dashboard": False, "node_ip_address": LOOPBACK})
+        except RuntimeError as error:
+            if "Timed out" not in str(error) or attempt == attempts:
+                raise
+            print(f"cluster_scenario: the Ray head did not start ({error}); attempt {attempt + 1}", file=sys.stderr)
+            subprocess.run(["pkill", "-9", "-P", str(os.getpid()), "gcs_server"], check=False)  # this try's, if stuck
+
+
 def start_monitor_step(head, finished_actors: dict, url: str, video: str, work: Path, env: dict) -> Background:
     """`vidmem monitor --ray` beside the front-end's steps; its result: {"monitor": ..., "head_node": ...}.
 
@@ -314,8 +334,8 @@ def main() -> None:
             out["reference"] = [[r.start, r.end] for r in ref.segments(stream="ref")]
         out["reference_segments"] = reference["segments"]
 
-        head = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
-        worker = head.add_node(num_cpus=4)
+        head = start_head()
+        worker = head.add_node(num_cpus=4, node_ip_address=LOOPBACK)
         ray.init(address=head.address, namespace=cluster.NAMESPACE, log_to_driver=False)
         head.wait_for_nodes()
         out["address"] = head.address

@@ -46,6 +46,8 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$state/ray-auth-token"
 # A node told to stop (--down) stops at once: Ray would first drain it for up to 30 s (for Ray Serve's proxies,
 # which this example does not run), longer than --down waits before it kills the node.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+# A loaded machine can take more than Ray's 30 s to start the head's GCS; wait up to 120 s.
+export RAY_gcs_server_port_wait_time_s=${RAY_gcs_server_port_wait_time_s:-120}
 
 # PostgreSQL: metadata, rules and events.
 if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$state/pg"; fi
