@@ -39,7 +39,8 @@ async def upkeep(app: Any, stop: asyncio.Event, *, every: float = RETENTION_EVER
 
 
 def run_service(app: Any, main: Callable[[asyncio.Event], Awaitable[int]], *, exit_process: bool = False) -> int:
-    """Load the models, then run `main(stop)` with upkeep beside it until it returns; SIGINT/SIGTERM set `stop`.
+    """Load the models, open the memory, then run `main(stop)` with upkeep beside it until it returns;
+    SIGINT/SIGTERM set `stop`.
 
     Returns main's exit code; the app (and so the memory) is closed in every case. With `exit_process` (the CLI),
     a clean stop ends the process right there: everything is committed and closed, and the interpreter's own
@@ -57,6 +58,7 @@ def run_service(app: Any, main: Callable[[asyncio.Event], Awaitable[int]], *, ex
 def _run(app: Any, main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     try:
         app.load_models()
+        app.memory  # noqa: B018 - opened now: a bad or unreachable memory fails at start, not at the first client
 
         async def run() -> int:
             stop = asyncio.Event()

@@ -146,6 +146,10 @@ def test_bad_inputs_get_one_clear_line_and_leave_no_memory(tmp_path, tiny_models
     assert "budget" in small
     batch = one_line_error(vidmem("serve", "--encode-batch", "-1", memory=memory, models=tiny_models))
     assert "--encode-batch" in batch and not memory.exists()
+    # a server whose memory cannot be opened says so at start, instead of serving and failing its first client
+    text_file.rename(memory)
+    not_a_dir = one_line_error(vidmem("serve", "--port", "0", memory=memory, models=tiny_models))
+    assert "is a file" in not_a_dir
 
 
 def test_missing_model_offline_says_how_to_point_at_a_local_checkpoint(tmp_path, videos):

@@ -302,14 +302,16 @@ def _vidmem(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vidmem", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_unreachable_services_fail_with_one_clear_line(memory_url: str, tmp_path: Path) -> None:
+def test_unreachable_services_fail_with_one_clear_line(memory_url: str, tmp_path: Path, tiny_models) -> None:
     from services import free_port
 
     dead_pg = f"postgresql://vidmem@127.0.0.1:{free_port()}/x?index=milvus://127.0.0.1:1&tokens={tmp_path}"
-    result = _vidmem("stats", "--memory", dead_pg)
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("vidmem: error: cannot reach PostgreSQL at 127.0.0.1:") and \
-        result.stderr.count("\n") == 1, result.stderr
+    models = ("--model", str(tiny_models.llava), "--embedder", str(tiny_models.clip))
+    for command in (("stats",), ("serve", "--port", "0", *models)):  # a server says so at start, not at a client
+        result = _vidmem(*command, "--memory", dead_pg)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.startswith("vidmem: error: cannot reach PostgreSQL at 127.0.0.1:") and \
+            result.stderr.count("\n") == 1, result.stderr
     Memory.open(memory_url).close()  # the tables exist: what is missing is Milvus
     dead_milvus = memory_url.replace(memory_url.split("index=")[1].split("&")[0], f"milvus://127.0.0.1:{free_port()}")
     result = _vidmem("stats", "--memory", dead_milvus)
