@@ -72,6 +72,11 @@ class SharedMemory:
     _LOCK_ROW = " FOR UPDATE"
     _drop_chunks = Memory._drop_chunks
     _drop_chunk_rows = Memory._drop_chunk_rows
+    # Reading a located segment's bytes and checking them, too, and what a closed or read-only memory does.
+    read_tokens = Memory.read_tokens
+    keyframe_jpeg = Memory.keyframe_jpeg
+    _check_writable = Memory._check_writable
+    __exit__ = Memory.__exit__
 
     def __init__(self, spec: SharedSpec, conn, *, readonly: bool, device: str, token_dtype: str,
                  chunk_bytes: int, files: ObjectTokens | None = None) -> None:
@@ -139,9 +144,6 @@ class SharedMemory:
     def __enter__(self) -> SharedMemory:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         with self._lock:
             if self._conn is None:
@@ -164,10 +166,6 @@ class SharedMemory:
     def _meta(self, key: str) -> str | None:
         rows = self._q("SELECT value FROM meta WHERE key = %s", (key,))
         return rows[0][0] if rows else None
-
-    def _check_writable(self) -> None:
-        if self.readonly:
-            raise MemoryStoreError(f"the memory at {self.path} was opened read-only.")
 
     @contextmanager
     def _write(self) -> Iterator:
@@ -352,28 +350,6 @@ class SharedMemory:
             raise MemoryStoreError(f"segment {segment_id} is no longer in the memory at {self.path} "
                                    "(deleted by retention?).")
         return rows[0]
-
-    def read_tokens(self, row: SegmentRow | int) -> np.ndarray:
-        """The segment's (N, D) float16 tokens, memory-mapped; raises MemoryStoreError on a checksum mismatch."""
-        seg_id = row if isinstance(row, int) else row.id
-        name, chunk, offset, nbytes, crc, n, d, dtype, _, _ = self._locate(seg_id)
-        with self._lock:  # the mapping cache is shared by threads
-            view = self._files.view(name, chunk, offset, nbytes)
-        if tok.checksum(view) != crc:
-            raise MemoryStoreError(f"segment {seg_id} of stream {name!r} failed its checksum; its token file "
-                                   f"{self._files.path(name, chunk)} is damaged.")
-        return tok.decode(view, n, d, dtype)
-
-    def keyframe_jpeg(self, row: SegmentRow | int) -> bytes | None:
-        seg_id = row if isinstance(row, int) else row.id
-        name, chunk, offset, nbytes, _, _, _, _, jpeg_bytes, jpeg_crc = self._locate(seg_id)
-        if not jpeg_bytes:
-            return None
-        with self._lock:
-            view = self._files.view(name, chunk, offset + nbytes, jpeg_bytes)
-        if tok.checksum(view) != jpeg_crc:
-            raise MemoryStoreError(f"the keyframe of segment {seg_id} failed its checksum.")
-        return bytes(view)
 
     def segments(self, *, stream: str | None = None, since: float | None = None, until: float | None = None,
                  limit: int | None = None) -> list[SegmentRow]:
