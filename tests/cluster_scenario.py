@@ -310,7 +310,6 @@ def main() -> None:
     from cluster_support import start_milvus, start_postgres
 
     import ray
-    from ray.cluster_utils import Cluster
 
     from vidmem.agents import cluster
     from vidmem.agents.app import Settings
